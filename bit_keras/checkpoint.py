@@ -1,0 +1,158 @@
+"""Official BiT `.npz` checkpoints: an explicit name-keyed mapping, strict loading and saving.
+
+Every key of the file must be consumed and every weight of the model set; anything else is a
+`CheckpointError` naming the key (and both shapes), raised before a single weight is assigned.
+"""
+
+import os
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+
+from bit_keras.layers import GroupNorm, StandardizedConv2D
+
+PREFIX = "resnet/"
+HEAD_KEYS = (PREFIX + "head/conv2d/kernel", PREFIX + "head/conv2d/bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that does not fit the model (or is no checkpoint at all)."""
+
+
+def _norm_entries(layer, prefix):
+    kind = "group_norm" if isinstance(layer, GroupNorm) else "batch_norm"
+    entries = [(f"{prefix}{kind}/gamma", layer.gamma), (f"{prefix}{kind}/beta", layer.beta)]
+    if kind == "batch_norm":
+        entries += [(f"{prefix}{kind}/moving_mean", layer.moving_mean)]
+        entries += [(f"{prefix}{kind}/moving_variance", layer.moving_variance)]
+    return entries
+
+
+def _conv_entry(layer, prefix):
+    kind = "standardized_conv2d" if isinstance(layer, StandardizedConv2D) else "conv2d"
+    return (f"{prefix}{kind}/kernel", layer.kernel)
+
+
+def layout(model):
+    """`[(key, variable, shape_in_file)]` for every weight of a `BiT` model, in the official key names.
+
+    Group norm and weight-standardized convolutions give exactly the official keys; the ablation
+    variants use `batch_norm/{gamma,beta,moving_mean,moving_variance}` and `conv2d/kernel` instead.
+    """
+    entries = [_conv_entry(model.get_layer("root_conv"), PREFIX + "root_block/")]
+    for b, units in enumerate(model.block_units, start=1):
+        for u in range(1, units + 1):
+            unit = model.get_layer(f"block{b}_unit{u:02d}")
+            prefix = f"{PREFIX}block{b}/unit{u:02d}/"
+            for part in "abc":
+                entries += _norm_entries(getattr(unit, f"norm_{part}"), f"{prefix}{part}/")
+                entries.append(_conv_entry(getattr(unit, f"conv_{part}"), f"{prefix}{part}/"))
+            if unit.proj is not None:
+                entries.append(_conv_entry(unit.proj, f"{prefix}a/proj/"))
+    entries += _norm_entries(model.get_layer("pre_head_norm"), PREFIX)
+    result = [(key, var, tuple(var.shape)) for key, var in entries]
+    if model.num_classes:
+        head = model.get_layer("head")
+        result.append((HEAD_KEYS[0], head.kernel, (1, 1, *head.kernel.shape)))  # official head: 1x1 conv
+        result.append((HEAD_KEYS[1], head.bias, tuple(head.bias.shape)))
+    covered = {id(var) for _, var, _ in result}
+    missing = [w.path for w in model.weights if id(w) not in covered]
+    if missing:
+        raise CheckpointError(f"model weights without a checkpoint key: {missing[:5]}")
+    return result
+
+
+def read_npz(path):
+    """All arrays of an `.npz` file as a dict; a clear one-line error for anything that is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint (truncated or not an npz: {detail})") from None
+
+
+def architecture_of(arrays, source="checkpoint"):
+    """`(block_units, width)` of an official-layout checkpoint, read from its keys and root kernel."""
+    root = arrays.get(PREFIX + "root_block/standardized_conv2d/kernel")
+    if root is None or root.ndim != 4:
+        raise CheckpointError(f"{source}: no {PREFIX}root_block/standardized_conv2d/kernel: not a BiT checkpoint")
+    units = {}
+    for key in arrays:
+        match = re.match(rf"{PREFIX}block(\d+)/unit(\d+)/", key)
+        if match:
+            block, unit = int(match.group(1)), int(match.group(2))
+            units[block] = max(units.get(block, 0), unit)
+    if sorted(units) != list(range(1, len(units) + 1)) or not units:
+        raise CheckpointError(f"{source}: blocks {sorted(units)} are not numbered 1..n")
+    width = root.shape[-1] / 64
+    return tuple(units[b] for b in sorted(units)), int(width) if width.is_integer() else width
+
+
+def head_classes(arrays):
+    """The class count of a checkpoint's head, or 0 when it has none."""
+    bias = arrays.get(HEAD_KEYS[1])
+    return 0 if bias is None else int(bias.shape[0])
+
+
+def load_checkpoint(model, path_or_arrays, skip_head=False, source=None):
+    """Set every weight of `model` from an official-layout checkpoint (a path or a dict of arrays).
+
+    With `skip_head`, the file's head keys are ignored and the model's head keeps its values (a new,
+    zero-initialized head). Nothing is assigned unless the whole file matches; errors name `source`.
+    """
+    if isinstance(path_or_arrays, str | os.PathLike):
+        source = source or os.fspath(path_or_arrays)
+        arrays = read_npz(path_or_arrays)
+    else:
+        source = source or "checkpoint"
+        arrays = dict(path_or_arrays)
+    entries = layout(model)
+    if skip_head:
+        entries = [e for e in entries if e[0] not in HEAD_KEYS]
+        arrays = {k: v for k, v in arrays.items() if k not in HEAD_KEYS}
+    expected = {key for key, _, _ in entries}
+    missing = [key for key, _, _ in entries if key not in arrays]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more} for {model.name}")
+    unexpected = sorted(set(arrays) - expected)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r}{more} for {model.name}")
+    values = []
+    for key, var, shape in entries:
+        array = arrays[key]
+        if tuple(array.shape) != shape:
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects {shape}"
+            )
+        if not np.issubdtype(array.dtype, np.floating):
+            raise CheckpointError(f"{source}: key {key!r} has dtype {array.dtype}, expected floating point")
+        values.append((var, array.reshape(var.shape)))
+    for var, value in values:
+        var.assign(value.astype(var.dtype))
+    return model
+
+
+def save_checkpoint(model, path):
+    """Write `model`'s weights as an official-layout `.npz` (float32), atomically (temp file + rename)."""
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: checkpoint path must end with .npz")
+    arrays = {key: np.asarray(var.numpy(), np.float32).reshape(shape) for key, var, shape in layout(model)}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,121 @@
+"""The BiT (ResNet-v2, GroupNorm + Weight Standardization) functional model."""
+
+import keras
+from keras import layers
+
+from bit_keras.layers import GN_GROUPS, NORMALIZATIONS, PreActBottleneck, conv_layer, norm_layer
+
+FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
+
+
+def channels(width, base=64):
+    """`base * width` as an int, refusing widths that do not give whole channel counts."""
+    value = base * width
+    if value != int(value) or value < 1:
+        raise ValueError(f"width={width} gives {value} channels from {base}: choose a width with whole channels")
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="bit_keras")
+class BiT(keras.Model):
+    """A BiT ResNet-v2 taking float32 RGB images in [0, 1] of any size (mapped to [-1, 1] inside).
+
+    Args:
+        block_units: units per block, e.g. (3, 4, 6, 3) for R50.
+        width: width factor (64 * width root channels, 2048 * width pre-logits); may be below 1.
+        num_classes: logits of a head (a Dense layer, zero-initialized), or 0 for pooled pre-logits.
+        normalization: "group" (BiT) or "batch" (the paper's ablation).
+        weight_standardization: standardize every convolution kernel (BiT) or not (ablation).
+        groups: group-norm groups.
+        input_shape: (height, width, 3); None sizes accept any image size.
+        dtype: a dtype policy name such as "mixed_bfloat16"; outputs stay float32.
+
+    `pyramid_outputs` maps "stem", "block1".."block4" and "pre_logits" to the model's intermediate
+    tensors; `feature_extractor()` turns them into a model.
+    """
+
+    def __init__(
+        self,
+        block_units=(3, 4, 6, 3),
+        width=1,
+        num_classes=1000,
+        normalization="group",
+        weight_standardization=True,
+        groups=GN_GROUPS,
+        input_shape=(None, None, 3),
+        dtype=None,
+        **kwargs,
+    ):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if num_classes is None or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: pooled features), got {num_classes!r}")
+        root = channels(width)
+        if normalization == "group" and root % groups:
+            raise ValueError(f"width={width} gives {root} root channels, not divisible into {groups} groups")
+        ws = weight_standardization
+
+        images = keras.Input(shape=input_shape, dtype="float32", name="images")
+        x = layers.Rescaling(2.0, offset=-1.0, name="to_minus_one_one", dtype=dtype)(images)  # [0,1] -> [-1,1]
+        x = layers.ZeroPadding2D(3, name="root_pad", dtype=dtype)(x)
+        x = conv_layer(root, 7, "root_conv", strides=2, weight_standardization=ws, dtype=dtype)(x)
+        x = layers.ZeroPadding2D(1, name="root_pool_pad", dtype=dtype)(x)  # zeros, not -inf, as the official code
+        x = layers.MaxPooling2D(3, strides=2, padding="valid", name="stem", dtype=dtype)(x)
+        features = {"stem": x}
+        for b, units in enumerate(block_units, start=1):
+            for u in range(1, units + 1):
+                x = PreActBottleneck(
+                    root * 2 ** (b - 1),
+                    strides=2 if u == 1 and b > 1 else 1,  # the stride sits on unit01 of blocks 2-4
+                    normalization=normalization,
+                    weight_standardization=ws,
+                    groups=groups,
+                    name=f"block{b}_unit{u:02d}",
+                    dtype=dtype,
+                )(x)
+            features[f"block{b}"] = x
+        x = norm_layer(normalization, "pre_head_norm", groups, dtype)(x)
+        x = layers.ReLU(name="pre_head_relu", dtype=dtype)(x)
+        x = layers.GlobalAveragePooling2D(name="pre_logits", dtype="float32")(x)
+        features["pre_logits"] = x
+        if num_classes:
+            x = layers.Dense(
+                num_classes, kernel_initializer="zeros", bias_initializer="zeros", name="head", dtype="float32"
+            )(x)
+        super().__init__(inputs=images, outputs=x, **kwargs)
+
+        self.block_units = tuple(block_units)
+        self.width = width
+        self.num_classes = num_classes
+        self.normalization = normalization
+        self.weight_standardization = weight_standardization
+        self.groups = groups
+        self.image_shape = tuple(input_shape)
+        self.policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
+        self.num_features = features["pre_logits"].shape[-1]
+        self.pyramid_outputs = features
+
+    def feature_extractor(self, names=FEATURE_NAMES):
+        """A model sharing this one's weights that returns a dict of the named intermediate outputs."""
+        unknown = sorted(set(names) - set(FEATURE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown feature names {unknown}; choose from {FEATURE_NAMES}")
+        return keras.Model(self.input, {n: self.pyramid_outputs[n] for n in names}, name=f"{self.name}_features")
+
+    def get_config(self):
+        return {
+            "block_units": self.block_units,
+            "width": self.width,
+            "num_classes": self.num_classes,
+            "normalization": self.normalization,
+            "weight_standardization": self.weight_standardization,
+            "groups": self.groups,
+            "input_shape": self.image_shape,
+            "dtype": self.policy,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

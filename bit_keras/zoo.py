@@ -1,0 +1,173 @@
+"""The BiT model zoo: architectures, every released checkpoint with its metadata, and `create_model`."""
+
+import dataclasses
+import json
+import os
+import re
+
+from bit_keras import checkpoint, download
+from bit_keras.model import BiT, channels
+
+BUCKET = "https://storage.googleapis.com/bit_models"
+BLOCK_UNITS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+ARCHITECTURES = ("R26x0.5", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
+ARCH_PATTERN = re.compile(r"R(\d+)x(\d+(?:\.\d+)?)")
+
+LABEL_SOURCES = {
+    # Keras' ImageNet class index (wordnet id, name) as used by keras.applications.
+    "imagenet1k": "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
+    # The 21,843 ImageNet-21k lemmas published beside the BiT checkpoints.
+    "imagenet21k": f"{BUCKET}/imagenet21k_wordnet_lemmas.txt",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A released BiT checkpoint and what a user needs to run it."""
+
+    name: str
+    arch: str
+    upstream: str  # the data it was trained on
+    num_classes: int
+    input_size: int  # recommended square input size
+    url: str
+    labels: str  # key of LABEL_SOURCES
+
+    @property
+    def block_units(self):
+        return parse_architecture(self.arch)[0]
+
+    @property
+    def width(self):
+        return parse_architecture(self.arch)[1]
+
+
+def _registry():
+    entries = []
+    for arch in ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"):
+        entries.append(Checkpoint(f"BiT-S-{arch}", arch, "ILSVRC-2012", 1000, 224, f"{BUCKET}/BiT-S-{arch}.npz", "imagenet1k"))
+        entries.append(Checkpoint(f"BiT-M-{arch}", arch, "ImageNet-21k", 21843, 224, f"{BUCKET}/BiT-M-{arch}.npz", "imagenet21k"))
+        entries.append(
+            Checkpoint(
+                f"BiT-M-{arch}-ILSVRC2012",
+                arch,
+                "ImageNet-21k, then ILSVRC-2012 (HyperRule)",
+                1000,
+                480,
+                f"{BUCKET}/BiT-M-{arch}-ILSVRC2012.npz",
+                "imagenet1k",
+            )
+        )
+    for size in (224, 160):
+        entries.append(
+            Checkpoint(
+                f"BiT-R50x1-distilled-{size}",
+                "R50x1",
+                f"ILSVRC-2012, distilled from BiT-M-R152x2 at {size}px",
+                1000,
+                size,
+                f"{BUCKET}/distill/R50x1_{size}.npz",
+                "imagenet1k",
+            )
+        )
+    return {entry.name: entry for entry in entries}
+
+
+CHECKPOINTS = _registry()
+
+
+def parse_architecture(arch):
+    """`"R50x1"` -> `((3, 4, 6, 3), 1)`; widths may be fractional (`"R26x0.5"`)."""
+    match = ARCH_PATTERN.fullmatch(arch)
+    if not match or int(match.group(1)) not in BLOCK_UNITS:
+        raise ValueError(
+            f"unknown model {arch!r}: expected a checkpoint name ({', '.join(list(CHECKPOINTS)[:3])}, ...) "
+            f"or an architecture R{{{'|'.join(map(str, BLOCK_UNITS))}}}x<width>; see `bit-keras models`"
+        )
+    width = float(match.group(2))
+    return BLOCK_UNITS[int(match.group(1))], int(width) if width.is_integer() else width
+
+
+def list_models(pretrained_only=False):
+    """Every name `create_model` accepts: released checkpoints, then bare architectures."""
+    return list(CHECKPOINTS) + ([] if pretrained_only else list(ARCHITECTURES))
+
+
+def parameter_count(arch, num_classes=0):
+    """Parameters of an architecture with GN + WS, computed from its layer shapes without building it."""
+    block_units, width = parse_architecture(arch)
+    root = channels(width)
+    total, cin = 7 * 7 * 3 * root, root
+    for b, units in enumerate(block_units, start=1):
+        mid = root * 2 ** (b - 1)
+        for u in range(units):
+            total += 2 * cin + cin * mid + 2 * mid + 9 * mid * mid + 2 * mid + mid * 4 * mid
+            total += cin * 4 * mid if u == 0 else 0  # projection on unit01
+            cin = 4 * mid
+    return total + 2 * cin + (cin * num_classes + num_classes)
+
+
+def _is_checkpoint_file(name):
+    return name.endswith(".npz") or "://" in name
+
+
+def create_model(name_or_arch, weights=None, num_classes=None, *, cache_dir=None, progress=True, **kwargs):
+    """Build a BiT model, optionally loading official weights.
+
+    Args:
+        name_or_arch: a checkpoint name (`"BiT-M-R50x1"`), an architecture (`"R50x1"`, `"R26x0.5"`), or
+            an official-layout `.npz` path or URL (architecture read from the file, weights loaded).
+        weights: None (random init), `"pretrained"` (the registry URL), a local `.npz` path, or an
+            http(s):// or gs:// URL (downloaded once into the cache).
+        num_classes: None keeps the checkpoint's head; an int different from it gives a new
+            zero-initialized head; 0 gives pooled pre-logit features.
+        cache_dir: download cache (default `$BIT_KERAS_CACHE` or `~/.keras/bit_keras`).
+        **kwargs: passed to `BiT` (`normalization`, `weight_standardization`, `dtype`, `input_shape`, `name`).
+    """
+    name_or_arch = str(name_or_arch)
+    entry = CHECKPOINTS.get(name_or_arch)
+    from_file = entry is None and _is_checkpoint_file(name_or_arch)
+    if from_file:
+        if weights is not None:
+            raise ValueError(f"{name_or_arch!r} is a checkpoint file already: leave weights=None")
+        weights = name_or_arch
+    elif weights == "pretrained":
+        if entry is None:
+            raise ValueError(f"{name_or_arch!r} is an architecture; pretrained weights need a checkpoint name")
+        weights = entry.url
+    arrays = None
+    if weights is not None:
+        source = str(weights)
+        arrays = checkpoint.read_npz(download.fetch(source, cache_dir=cache_dir, progress=progress))
+        file_classes = checkpoint.head_classes(arrays)
+    else:
+        file_classes = entry.num_classes if entry else None
+    if from_file:
+        block_units, width = checkpoint.architecture_of(arrays, source)
+    elif entry:
+        block_units, width = entry.block_units, entry.width
+    else:
+        block_units, width = parse_architecture(name_or_arch)
+    if num_classes is None:
+        if file_classes is None:
+            raise ValueError(f"{name_or_arch!r} has no checkpoint head: pass num_classes (0 for features)")
+        num_classes = file_classes
+    default_name = os.path.basename(name_or_arch).removesuffix(".npz") if from_file else name_or_arch
+    kwargs.setdefault("name", re.sub(r"[^0-9A-Za-z_]", "_", default_name).lower())
+    model = BiT(block_units, width, num_classes=num_classes, **kwargs)
+    if arrays is not None:
+        checkpoint.load_checkpoint(model, arrays, skip_head=num_classes != file_classes, source=source)
+    return model
+
+
+def label_names(name_or_source, cache_dir=None, progress=True):
+    """Class names of a checkpoint's head (or of a label source: `"imagenet1k"`, `"imagenet21k"`)."""
+    source = CHECKPOINTS[name_or_source].labels if name_or_source in CHECKPOINTS else name_or_source
+    if source not in LABEL_SOURCES:
+        raise ValueError(f"no label names for {name_or_source!r}: use a checkpoint name or {list(LABEL_SOURCES)}")
+    path = download.fetch(LABEL_SOURCES[source], cache_dir=cache_dir, progress=progress)
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            index = json.load(f)
+            return [index[str(i)][1] for i in range(len(index))]
+        return [line.strip() for line in f if line.strip()]

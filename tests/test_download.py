@@ -1,0 +1,264 @@
+"""Tests for bit_keras.download against a local HTTP server on 127.0.0.1."""
+
+import collections
+import http.server
+import os
+import pathlib
+import sys
+import threading
+import types
+
+import pytest
+
+from bit_keras import download
+from bit_keras.download import DownloadError, cached_path, default_cache_dir, fetch
+
+pytestmark = pytest.mark.timeout(10)
+
+PAYLOAD = bytes(range(256)) * 4099  # > 1 MiB, so the download takes several chunks
+
+
+class Server:
+    """A ThreadingHTTPServer serving ``routes`` and counting requests per path."""
+
+    def __init__(self):
+        self.routes = {}  # path -> (body, announced Content-Length)
+        self.counts = collections.Counter()
+        self.user_agents = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.counts[self.path] += 1
+                server.user_agents.append(self.headers.get("User-Agent"))
+                if self.path not in server.routes:
+                    self.send_error(404)
+                    return
+                body, length = server.routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def add(self, path, body, length=None):
+        self.routes[path] = (body, len(body) if length is None else length)
+        return self.base + path
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    s.thread.start()
+    try:
+        yield s
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+        s.thread.join(timeout=5)
+
+
+def leftovers(directory):
+    return [p.name for p in pathlib.Path(directory).iterdir() if ".part-" in p.name]
+
+
+def test_cached_path_layout(tmp_path):
+    url = "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz"
+    assert cached_path(url, str(tmp_path)) == os.path.join(
+        str(tmp_path), "storage.googleapis.com", "bit_models", "BiT-M-R50x1.npz")
+    assert cached_path("gs://bucket/dir/R50x1_224.npz", str(tmp_path)) == os.path.join(
+        str(tmp_path), "bucket", "dir", "R50x1_224.npz")
+    assert cached_path("http://127.0.0.1:8000/a.txt", str(tmp_path)) == os.path.join(
+        str(tmp_path), "127.0.0.1_8000", "a.txt")
+
+
+@pytest.mark.parametrize("url", [
+    "http://example.com/../../etc/passwd",
+    "http://example.com/bit_models/%2e%2e/%2e%2e/x.npz",
+    "gs://bucket/a/../../../x.npz",
+    "http://example.com/",
+])
+def test_rejects_paths_outside_cache(tmp_path, url):
+    with pytest.raises(ValueError):
+        cached_path(url, str(tmp_path))
+    with pytest.raises(ValueError):
+        fetch(url, cache_dir=str(tmp_path), progress=False)
+
+
+def test_download_lands_at_cached_path(server, tmp_path):
+    url = server.add("/bit_models/BiT-M-R50x1.npz", PAYLOAD)
+    path = fetch(url, cache_dir=str(tmp_path), progress=False)
+    assert path == cached_path(url, str(tmp_path))
+    assert pathlib.Path(path).read_bytes() == PAYLOAD
+    assert server.user_agents == ["bit_keras"]
+    assert leftovers(os.path.dirname(path)) == []
+
+
+def test_second_fetch_uses_cache_and_force_downloads_again(server, tmp_path):
+    url = server.add("/bit_models/labels.txt", b"tench\ngoldfish\n")
+    first = fetch(url, cache_dir=str(tmp_path), progress=False)
+    assert server.counts["/bit_models/labels.txt"] == 1
+    assert fetch(url, cache_dir=str(tmp_path), progress=False) == first
+    assert server.counts["/bit_models/labels.txt"] == 1
+
+    server.add("/bit_models/labels.txt", b"new contents\n")
+    assert fetch(url, cache_dir=str(tmp_path), progress=False, force=True) == first
+    assert server.counts["/bit_models/labels.txt"] == 2
+    assert pathlib.Path(first).read_bytes() == b"new contents\n"
+
+
+def test_http_404(server, tmp_path):
+    url = server.base + "/bit_models/missing.npz"
+    with pytest.raises(DownloadError, match="404") as info:
+        fetch(url, cache_dir=str(tmp_path), progress=False)
+    assert url in str(info.value)
+    assert "\n" not in str(info.value)
+    dest = cached_path(url, str(tmp_path))
+    assert not os.path.exists(dest)
+    assert leftovers(os.path.dirname(dest)) == []
+
+
+def test_truncated_download_leaves_nothing(server, tmp_path):
+    url = server.add("/bit_models/short.npz", PAYLOAD[:1000], length=len(PAYLOAD))
+    with pytest.raises(DownloadError, match=f"truncated: got 1000 of {len(PAYLOAD)} bytes") as info:
+        fetch(url, cache_dir=str(tmp_path), progress=False)
+    assert url in str(info.value)
+    dest = cached_path(url, str(tmp_path))
+    assert not os.path.exists(dest)
+    assert leftovers(os.path.dirname(dest)) == []
+
+
+def test_connection_refused(tmp_path):
+    probe = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    port = probe.server_port
+    probe.server_close()  # nothing listens on this port any more
+    url = f"http://127.0.0.1:{port}/x.npz"
+    with pytest.raises(DownloadError, match="connection error") as info:
+        fetch(url, cache_dir=str(tmp_path), progress=False)
+    assert url in str(info.value)
+    assert not os.path.exists(cached_path(url, str(tmp_path)))
+
+
+def test_interrupted_download_leaves_nothing(server, tmp_path, monkeypatch):
+    class InterruptingBar:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "tqdm", InterruptingBar)
+    url = server.add("/bit_models/big.npz", PAYLOAD)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(url, cache_dir=str(tmp_path), progress=False)
+    dest = cached_path(url, str(tmp_path))
+    assert not os.path.exists(dest)
+    assert leftovers(os.path.dirname(dest)) == []
+
+
+def test_cache_env_var(server, tmp_path, monkeypatch):
+    cache = tmp_path / "env_cache"
+    monkeypatch.setenv(download.CACHE_ENV, str(cache))
+    assert default_cache_dir() == str(cache)
+    url = server.add("/bit_models/env.txt", b"x" * 10)
+    path = fetch(url, progress=False)
+    assert path == os.path.join(str(cache), f"127.0.0.1_{server.httpd.server_port}",
+                                "bit_models", "env.txt")
+    assert pathlib.Path(path).read_bytes() == b"x" * 10
+
+
+def test_default_cache_dir_without_env(tmp_path, monkeypatch):
+    monkeypatch.delenv(download.CACHE_ENV, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    assert default_cache_dir() == os.path.join(str(tmp_path / "kh"), "bit_keras")
+    monkeypatch.delenv("KERAS_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == os.path.join(str(tmp_path / "home"), ".keras", "bit_keras")
+
+
+def test_local_path_and_file_url_used_in_place(tmp_path):
+    local = tmp_path / "weights.npz"
+    local.write_bytes(b"local")
+    cache = tmp_path / "cache"
+    assert fetch(str(local), cache_dir=str(cache)) == str(local)
+    assert fetch(local.as_uri(), cache_dir=str(cache)) == str(local)
+    assert not cache.exists()
+
+
+def test_missing_local_path(tmp_path):
+    missing = str(tmp_path / "nope.npz")
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        fetch(missing, cache_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        fetch(pathlib.Path(missing).as_uri(), cache_dir=str(tmp_path))
+
+
+def _fake_tensorflow(objects):
+    """A stand-in for the bits of tensorflow that gs:// fetching uses, backed by ``objects``."""
+
+    class OpError(Exception):
+        def __init__(self, message):
+            super().__init__(message)
+            self.message = message
+
+    class NotFoundError(OpError):
+        pass
+
+    def lookup(url):
+        if url not in objects:
+            raise NotFoundError(f"{url} not found")
+        return objects[url]
+
+    class GFile:
+        def __init__(self, url, mode):
+            assert mode == "rb"
+            self.data, self.pos = lookup(url)[0], 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n):
+            chunk = self.data[self.pos:self.pos + n]
+            self.pos += len(chunk)
+            return chunk
+
+    gfile = types.SimpleNamespace(
+        GFile=GFile, stat=lambda url: types.SimpleNamespace(length=lookup(url)[1]))
+    return types.SimpleNamespace(
+        io=types.SimpleNamespace(gfile=gfile),
+        errors=types.SimpleNamespace(OpError=OpError, NotFoundError=NotFoundError))
+
+
+def test_gcs_copy(tmp_path, monkeypatch):
+    good, short = "gs://bit_models/R50x1.npz", "gs://bit_models/short.npz"
+    monkeypatch.setitem(sys.modules, "tensorflow", _fake_tensorflow(
+        {good: (PAYLOAD, len(PAYLOAD)), short: (PAYLOAD[:10], len(PAYLOAD))}))
+    path = fetch(good, cache_dir=str(tmp_path), progress=False)
+    assert path == os.path.join(str(tmp_path), "bit_models", "R50x1.npz")
+    assert pathlib.Path(path).read_bytes() == PAYLOAD
+
+    with pytest.raises(DownloadError, match="truncated: got 10 of"):
+        fetch(short, cache_dir=str(tmp_path), progress=False)
+    with pytest.raises(DownloadError, match="NotFoundError") as info:
+        fetch("gs://bit_models/missing.npz", cache_dir=str(tmp_path), progress=False)
+    assert "gs://bit_models/missing.npz" in str(info.value)
+    assert sorted(os.listdir(tmp_path / "bit_models")) == ["R50x1.npz"]
