@@ -54,8 +54,9 @@ class GroupNorm(layers.Layer):
         size = input_shape[-1]
         if size % self.groups:
             raise ValueError(f"{self.name}: {size} channels do not split into {self.groups} groups")
-        self.gamma = self.add_weight(shape=(size,), initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=(size,), initializer="zeros", name="beta")
+        # autocast=False: the affine step runs in float32 with the statistics, then casts once.
+        self.gamma = self.add_weight(shape=(size,), initializer="ones", name="gamma", autocast=False)
+        self.beta = self.add_weight(shape=(size,), initializer="zeros", name="beta", autocast=False)
 
     def call(self, inputs):
         shape = ops.shape(inputs)

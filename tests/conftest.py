@@ -33,3 +33,56 @@ def small_npz(small_params, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "R26x0.5-random.npz"
     write_npz(path, small_params)
     return str(path)
+
+
+class _LocalHTTPServer:
+    """A real ThreadingHTTPServer on 127.0.0.1 serving ``routes`` (path -> bytes); counts GETs per path."""
+
+    def __init__(self):
+        import collections
+        import http.server
+        import threading
+
+        self.routes = {}
+        self.counts = collections.Counter()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.counts[self.path] += 1
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def add(self, path, body):
+        """Serve ``body`` at ``path``; returns its URL."""
+        self.routes[path] = bytes(body)
+        return self.base + path
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server (see `_LocalHTTPServer`), shut down after the test."""
+    s = _LocalHTTPServer()
+    s.thread.start()
+    try:
+        yield s
+    finally:
+        s.httpd.shutdown()
+        s.httpd.server_close()
+        s.thread.join(timeout=5)

@@ -1,0 +1,149 @@
+"""The official .npz layout: exact key mapping, strict loading (no half-loaded model), saving."""
+
+import os
+
+import numpy as np
+import pytest
+
+import bit_keras
+from bit_keras.checkpoint import CheckpointError, layout, load_checkpoint, read_npz, save_checkpoint
+from bit_keras.model import BiT
+from tests.official_npz import official_shapes, random_checkpoint, write_npz
+
+SMALL_UNITS = (2, 2, 2, 2)
+
+
+@pytest.fixture
+def small_model():
+    return BiT(SMALL_UNITS, 0.5, num_classes=10)
+
+
+def snapshot(model):
+    return [np.array(w) for w in model.weights]
+
+
+@pytest.mark.parametrize(
+    "units,width,count",
+    [((3, 4, 6, 3), 1, 153), (SMALL_UNITS, 0.5, None)],
+    ids=["R50x1", "R26x0.5"],
+)
+def test_layout_is_the_official_key_set(units, width, count):
+    model = BiT(units, width, num_classes=1000)
+    entries = layout(model)
+    shapes = {key: shape for key, _, shape in entries}
+    assert shapes == official_shapes(units, width, 1000)
+    assert len(entries) == len(model.weights)  # every model weight has exactly one key
+    if count:
+        assert len(entries) == count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("units,count", [((3, 4, 23, 3), 306), ((3, 8, 36, 3), 459)], ids=["R101", "R152"])
+def test_layout_key_counts_deep(units, count):
+    model = BiT(units, 1, num_classes=1000)
+    assert {k: s for k, _, s in layout(model)} == official_shapes(units, 1, 1000)
+    assert len(layout(model)) == count
+
+
+def test_save_load_round_trip_is_exact(small_model, small_params, tmp_path):
+    load_checkpoint(small_model, small_params)
+    path = tmp_path / "out" / "small.npz"
+    assert save_checkpoint(small_model, path) == str(path)
+    assert os.listdir(path.parent) == ["small.npz"]  # written through a temp file, nothing left beside it
+    saved = read_npz(str(path))
+    assert saved.keys() == small_params.keys()
+    for key, value in small_params.items():
+        assert saved[key].dtype == np.float32
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
+    with pytest.raises(ValueError, match="must end with .npz"):
+        save_checkpoint(small_model, tmp_path / "x.bin")
+
+
+@pytest.mark.parametrize("normalization,ws", [("batch", True), ("group", False)])
+def test_ablation_variants_round_trip(normalization, ws, tmp_path):
+    model = BiT(SMALL_UNITS, 0.5, num_classes=4, normalization=normalization, weight_standardization=ws)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(rng.uniform(0.5, 1.5, weight.shape).astype(np.float32))
+    path = save_checkpoint(model, tmp_path / "ablation.npz")
+    keys = read_npz(path).keys()
+    if normalization == "batch":
+        assert "resnet/block1/unit01/a/batch_norm/moving_variance" in keys
+    if not ws:
+        assert "resnet/root_block/conv2d/kernel" in keys
+    clone = BiT(SMALL_UNITS, 0.5, num_classes=4, normalization=normalization, weight_standardization=ws)
+    load_checkpoint(clone, path)
+    for a, b in zip(model.weights, clone.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _drop(params, key):
+    return {k: v for k, v in params.items() if k != key}
+
+
+BAD = {
+    "missing key": (
+        lambda p: _drop(p, "resnet/block2/unit02/b/group_norm/gamma"),
+        "missing key 'resnet/block2/unit02/b/group_norm/gamma'",
+    ),
+    "extra key": (lambda p: {**p, "resnet/block5/unit01/a/group_norm/gamma": np.ones(3, np.float32)},
+                  "unexpected key 'resnet/block5/unit01/a/group_norm/gamma'"),
+    "wrong shape": (
+        lambda p: {**p, "resnet/block3/unit01/a/group_norm/gamma": np.ones(64, np.float32)},
+        r"key 'resnet/block3/unit01/a/group_norm/gamma' has shape \(64,\), the model expects \(256,\)",
+    ),
+    "wrong dtype": (
+        lambda p: {**p, "resnet/group_norm/beta": np.ones(1024, np.int32)},
+        "key 'resnet/group_norm/beta' has dtype int32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoint_is_refused_and_model_untouched(case, small_model, small_params, tmp_path):
+    corrupt, message = BAD[case]
+    path = tmp_path / "bad.npz"
+    write_npz(path, corrupt(small_params))
+    before = snapshot(small_model)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(small_model, str(path))
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    for a, b in zip(before, snapshot(small_model)):
+        np.testing.assert_array_equal(a, b)  # nothing was assigned
+    with pytest.raises(CheckpointError, match=message):
+        bit_keras.create_model("R26x0.5", weights=str(path))
+
+
+@pytest.mark.parametrize("content", ["truncated", "text"])
+def test_unreadable_files_give_one_line_errors(content, small_npz, tmp_path):
+    path = tmp_path / "broken.npz"
+    data = open(small_npz, "rb").read()
+    path.write_bytes(data[: len(data) // 2] if content == "truncated" else b"not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a readable .npz checkpoint") as info:
+        bit_keras.create_model("R26x0.5", weights=str(path))
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_truncated_member_data_is_detected(small_params, tmp_path):
+    """A zip whose directory survives but whose data is cut (a partial copy) is still refused."""
+    import zipfile
+
+    good = tmp_path / "good.npz"
+    write_npz(good, small_params)
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, data[: len(data) // 2] if info.filename.endswith("gamma.npy") else data)
+    with pytest.raises(CheckpointError):
+        bit_keras.create_model("R26x0.5", weights=str(bad))
+
+
+def test_wrong_architecture_names_key_and_shapes(small_npz):
+    with pytest.raises(CheckpointError, match=r"root_block/standardized_conv2d/kernel' has shape \(7, 7, 3, 32\)"):
+        bit_keras.create_model("R26x1", weights=small_npz)
+
+
+def test_random_checkpoint_helper_is_official_layout():
+    params = random_checkpoint()
+    assert len(params) == 153 and all(key.startswith("resnet/") for key in params)

@@ -1,0 +1,133 @@
+"""The BiT model: shapes, options, serialization, mixed precision (keras-hub style battery)."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bit_keras
+from bit_keras.model import BiT
+from tests.reference_bit import reference_forward
+
+SMALL = dict(block_units=(2, 2, 2, 2), width=0.5)
+
+
+@pytest.fixture(scope="module")
+def small(small_npz):
+    return bit_keras.create_model("R26x0.5", weights=small_npz)
+
+
+def batch(height=64, width=64, n=2, seed=0):
+    return np.random.default_rng(seed).random((n, height, width, 3)).astype(np.float32)
+
+
+def test_config_round_trip(small):
+    config = small.get_config()
+    assert config == {
+        "block_units": (2, 2, 2, 2),
+        "width": 0.5,
+        "num_classes": 10,
+        "normalization": "group",
+        "weight_standardization": True,
+        "groups": 32,
+        "input_shape": (None, None, 3),
+        "dtype": None,
+        "name": "r26x0_5",
+        "trainable": True,
+    }
+    assert BiT.from_config(config).get_config() == config
+
+
+def test_keras_file_round_trip_is_exact(small, tmp_path):
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, BiT)
+    x = batch()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(small(x)))
+    assert loaded.get_config() == small.get_config()
+
+
+def test_any_image_size(small, small_params):
+    for height, width in [(64, 64), (96, 160), (70, 90)]:
+        x = batch(height, width)
+        ref = reference_forward(small_params, x, block_units=SMALL["block_units"])
+        out = np.asarray(small.predict(x, verbose=0))
+        assert np.abs(out - ref["logits"]).max() <= 5e-5 * np.abs(ref["logits"]).max()
+
+
+def test_predict_on_tf_data(small):
+    x = batch(n=4)
+    data = tf.data.Dataset.from_tensor_slices(x).batch(2)
+    np.testing.assert_allclose(small.predict(data, verbose=0), small.predict(x, verbose=0), atol=1e-6)
+
+
+def test_feature_extractor(small):
+    features = small.feature_extractor()(batch())
+    shapes = {name: tuple(value.shape) for name, value in features.items()}
+    assert shapes == {
+        "stem": (2, 16, 16, 32),
+        "block1": (2, 16, 16, 128),
+        "block2": (2, 8, 8, 256),
+        "block3": (2, 4, 4, 512),
+        "block4": (2, 2, 2, 1024),
+        "pre_logits": (2, 1024),
+    }
+    assert small.num_features == 1024
+    with pytest.raises(ValueError, match="unknown feature names"):
+        small.feature_extractor(("block5",))
+
+
+def test_features_only_and_new_head_is_zero():
+    features = BiT(**SMALL, num_classes=0)
+    assert tuple(features(batch()).shape) == (2, 1024)
+    head = BiT(**SMALL, num_classes=5)
+    np.testing.assert_array_equal(np.asarray(head(batch())), np.zeros((2, 5)))
+
+
+@pytest.mark.parametrize("policy,atol", [("mixed_bfloat16", 0.1), ("mixed_float16", 0.02)])
+def test_mixed_precision_outputs_float32(small, small_params, policy, atol):
+    mixed = bit_keras.create_model("R26x0.5", num_classes=10, dtype=policy)
+    bit_keras.load_checkpoint(mixed, small_params)
+    x = batch()
+    out = mixed(x)
+    assert out.dtype == "float32"
+    assert mixed.feature_extractor(("pre_logits",))(x)["pre_logits"].dtype == "float32"
+    assert mixed.get_layer("block1_unit01").compute_dtype == policy.split("_")[1]
+    reference = np.asarray(small(x))
+    assert np.abs(np.asarray(out) - reference).max() <= atol * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("normalization,ws", [("batch", True), ("group", False), ("batch", False)])
+def test_ablation_variants_train(normalization, ws):
+    model = BiT(**SMALL, num_classes=3, normalization=normalization, weight_standardization=ws)
+    convs = [layer for layer in model._flatten_layers() if isinstance(layer, bit_keras.StandardizedConv2D)]
+    assert bool(convs) == ws
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy")
+    history = model.fit(batch(n=4), np.array([0, 1, 2, 0]), epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(width=0.25), "16 root channels, not divisible into 32 groups"),
+        (dict(width=0.3), "whole channels"),
+        (dict(normalization="layer"), "normalization must be one of"),
+        (dict(num_classes=-1), "num_classes must be an int >= 0"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BiT(**{**SMALL, **kwargs})
+
+
+def test_other_backend_fails_at_import_with_fix():
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", "import bit_keras"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "KERAS_BACKEND=tensorflow" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,264 @@
+"""Tests for bit_keras.zoo: the checkpoint registry, architectures, parameter counts, create_model and labels.
+
+Checkpoints are random ones in the official layout (tests/official_npz.py); outputs are compared with the
+independent float64 numpy forward pass of tests/reference_bit.py. Downloads go to a local HTTP server.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import bit_keras
+from bit_keras import download, zoo
+from tests.reference_bit import reference_forward
+
+pytestmark = pytest.mark.timeout(120)
+
+SMALL_UNITS = (2, 2, 2, 2)
+ARCHS = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
+BUCKET = "https://storage.googleapis.com/bit_models"
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(123).uniform(0.0, 1.0, (2, 64, 64, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(small_params, images):
+    return reference_forward(small_params, images, block_units=SMALL_UNITS, width=0.5)
+
+
+def assert_close(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    assert actual.shape == expected.shape
+    scale = np.abs(expected).max()
+    assert scale > 0.1  # a meaningful comparison, not of all-zero outputs
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=5e-5 * scale)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_names_and_urls():
+    expected = {}
+    for arch in ARCHS:
+        expected[f"BiT-S-{arch}"] = (arch, 1000, f"{BUCKET}/BiT-S-{arch}.npz", "imagenet1k")
+        expected[f"BiT-M-{arch}"] = (arch, 21843, f"{BUCKET}/BiT-M-{arch}.npz", "imagenet21k")
+        expected[f"BiT-M-{arch}-ILSVRC2012"] = (arch, 1000, f"{BUCKET}/BiT-M-{arch}-ILSVRC2012.npz", "imagenet1k")
+    for size in (224, 160):
+        expected[f"BiT-R50x1-distilled-{size}"] = ("R50x1", 1000, f"{BUCKET}/distill/R50x1_{size}.npz", "imagenet1k")
+    assert len(expected) == 20
+    assert set(zoo.CHECKPOINTS) == set(expected)
+    assert bit_keras.CHECKPOINTS is zoo.CHECKPOINTS
+    for name, (arch, classes, url, labels) in expected.items():
+        entry = zoo.CHECKPOINTS[name]
+        assert (entry.name, entry.arch, entry.num_classes, entry.url, entry.labels) == (name, arch, classes, url, labels)
+        assert (entry.block_units, entry.width) == zoo.parse_architecture(arch)
+    assert zoo.CHECKPOINTS["BiT-R50x1-distilled-160"].input_size == 160
+    assert zoo.CHECKPOINTS["BiT-R50x1-distilled-224"].input_size == 224
+    assert zoo.CHECKPOINTS["BiT-M-R101x3"].upstream == "ImageNet-21k"
+    assert zoo.CHECKPOINTS["BiT-S-R101x3"].upstream == "ILSVRC-2012"
+
+
+def test_list_models():
+    everything = bit_keras.list_models()
+    assert set(zoo.CHECKPOINTS) <= set(everything)
+    assert {"R26x0.5", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"} <= set(everything)
+    assert len(everything) == len(set(everything))
+    pretrained = zoo.list_models(pretrained_only=True)
+    assert set(pretrained) == set(zoo.CHECKPOINTS)
+    assert "R50x1" not in pretrained
+    for name in everything:  # every listed name is accepted by create_model's name resolution
+        if name not in zoo.CHECKPOINTS:
+            zoo.parse_architecture(name)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("R50x1", ((3, 4, 6, 3), 1)),
+        ("R50x3", ((3, 4, 6, 3), 3)),
+        ("R101x1", ((3, 4, 23, 3), 1)),
+        ("R152x4", ((3, 8, 36, 3), 4)),
+        ("R26x0.5", ((2, 2, 2, 2), 0.5)),
+    ],
+)
+def test_parse_architecture(arch, expected):
+    assert zoo.parse_architecture(arch) == expected
+    assert isinstance(zoo.parse_architecture(arch)[1], type(expected[1]))
+
+
+@pytest.mark.parametrize("bad", ["R34x1", "R50", "resnet50", "r50x1", "R50x", "BiT-X-R50x1", "R50x1 ", ""])
+def test_parse_architecture_rejects_unknown(bad):
+    with pytest.raises(ValueError, match="bit-keras models"):
+        zoo.parse_architecture(bad)
+    with pytest.raises(ValueError, match="bit-keras models"):
+        zoo.create_model(bad, num_classes=0)
+
+
+@pytest.mark.parametrize("arch, classes", [("R26x0.5", 0), ("R26x0.5", 10), ("R50x1", 0), ("R50x1", 1000)])
+def test_parameter_count_matches_model(arch, classes):
+    model = zoo.create_model(arch, num_classes=classes)
+    assert zoo.parameter_count(arch, classes) == model.count_params()
+
+
+def test_parameter_count_r50x1():
+    assert bit_keras.parameter_count("R50x1", 1000) == 25_549_352
+    assert bit_keras.parameter_count("R50x1") == 25_549_352 - (2048 * 1000 + 1000)
+
+
+def test_architecture_without_classes_needs_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        zoo.create_model("R26x0.5")
+
+
+# ----------------------------------------------------------------------------- create_model from files
+
+
+def test_create_model_arch_with_local_weights(small_npz, images, reference):
+    model = zoo.create_model("R26x0.5", weights=small_npz, progress=False)
+    assert (model.block_units, model.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
+    assert_close(model.predict(images, verbose=0), reference["logits"])
+
+
+@pytest.mark.parametrize("as_path", [False, True], ids=["str", "pathlib"])
+def test_create_model_from_npz_path_infers_architecture(small_npz, images, reference, as_path):
+    model = zoo.create_model(pathlib.Path(small_npz) if as_path else small_npz, progress=False)
+    assert (model.block_units, model.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
+    assert_close(model.predict(images, verbose=0), reference["logits"])
+
+
+def test_checkpoint_path_and_weights_together_rejected(small_npz):
+    with pytest.raises(ValueError, match="weights=None"):
+        zoo.create_model(small_npz, weights=small_npz)
+
+
+def test_new_head_is_zero_and_features_still_match(small_npz, images, reference):
+    model = zoo.create_model("R26x0.5", weights=small_npz, num_classes=7, progress=False)
+    assert model.num_classes == 7
+    logits = model.predict(images, verbose=0)
+    assert logits.shape == (2, 7)
+    assert np.all(logits == 0.0)
+    other = np.random.default_rng(9).uniform(0, 1, (3, 96, 96, 3)).astype(np.float32)
+    assert np.all(model.predict(other, verbose=0) == 0.0)
+    features = model.feature_extractor(("pre_logits",)).predict(images, verbose=0)["pre_logits"]
+    assert_close(features, reference["pre_logits"])
+
+
+def test_num_classes_zero_gives_pooled_features(small_npz, images, reference):
+    model = zoo.create_model(small_npz, num_classes=0, progress=False)
+    assert model.num_classes == 0
+    features = model.predict(images, verbose=0)
+    assert features.shape == (2, 1024)
+    assert_close(features, reference["pre_logits"])
+
+
+def test_same_num_classes_keeps_file_head(small_npz, images, reference):
+    model = zoo.create_model("R26x0.5", weights=small_npz, num_classes=10, progress=False)
+    assert_close(model.predict(images, verbose=0), reference["logits"])
+
+
+def test_wrong_architecture_for_file_is_checkpoint_error(small_npz):
+    with pytest.raises(bit_keras.CheckpointError, match=r"root_block.*\(7, 7, 3, 32\).*\(7, 7, 3, 64\)"):
+        zoo.create_model("R26x1", weights=small_npz, progress=False)
+    with pytest.raises(bit_keras.CheckpointError, match="missing key"):
+        zoo.create_model("R50x0.5", weights=small_npz, progress=False)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+@pytest.fixture
+def served_checkpoint(http_server, small_npz, monkeypatch):
+    """A registry entry `BiT-T-R26x0.5` whose URL is small_npz's bytes on the local server."""
+    url = http_server.add("/bit_models/BiT-T-R26x0.5.npz", pathlib.Path(small_npz).read_bytes())
+    entry = dataclasses.replace(
+        zoo.CHECKPOINTS["BiT-S-R50x1"], name="BiT-T-R26x0.5", arch="R26x0.5", num_classes=10, url=url
+    )
+    monkeypatch.setitem(zoo.CHECKPOINTS, entry.name, entry)
+    return entry
+
+
+def test_pretrained_needs_a_checkpoint_name():
+    with pytest.raises(ValueError, match="architecture"):
+        zoo.create_model("R26x0.5", weights="pretrained")
+
+
+def test_pretrained_downloads_registry_url_once(served_checkpoint, http_server, tmp_path, images, reference):
+    cache = str(tmp_path / "cache")
+    model = zoo.create_model(served_checkpoint.name, weights="pretrained", cache_dir=cache, progress=False)
+    path = "/bit_models/BiT-T-R26x0.5.npz"
+    assert http_server.counts[path] == 1
+    cached = download.cached_path(served_checkpoint.url, cache)
+    assert cached.startswith(cache + os.sep)
+    assert pathlib.Path(cached).read_bytes() == http_server.routes[path]
+    assert (model.block_units, model.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
+    assert_close(model.predict(images, verbose=0), reference["logits"])
+
+    again = zoo.create_model(served_checkpoint.name, weights="pretrained", cache_dir=cache, progress=False)
+    assert http_server.counts[path] == 1  # served from the cache
+    assert_close(again.predict(images, verbose=0), reference["logits"])
+
+
+def test_registry_name_without_weights_is_random_init(served_checkpoint, http_server):
+    model = zoo.create_model(served_checkpoint.name, num_classes=None)
+    assert model.num_classes == 10
+    assert sum(http_server.counts.values()) == 0
+
+
+def test_url_weights(http_server, small_npz, tmp_path, images, reference):
+    url = http_server.add("/models/R26x0.5-random.npz", pathlib.Path(small_npz).read_bytes())
+    cache = str(tmp_path / "cache")
+    model = zoo.create_model("R26x0.5", weights=url, cache_dir=cache, progress=False)
+    assert_close(model.predict(images, verbose=0), reference["logits"])
+    assert os.path.exists(download.cached_path(url, cache))
+    # the URL itself as the model name: architecture read from the downloaded file (already cached)
+    model = zoo.create_model(url, num_classes=0, cache_dir=cache, progress=False)
+    assert http_server.counts["/models/R26x0.5-random.npz"] == 1
+    assert_close(model.predict(images, verbose=0), reference["pre_logits"])
+
+
+def test_url_404_raises_download_error(http_server, tmp_path):
+    url = http_server.base + "/bit_models/missing.npz"
+    with pytest.raises(bit_keras.DownloadError, match="404") as info:
+        zoo.create_model("R26x0.5", weights=url, cache_dir=str(tmp_path), progress=False)
+    assert url in str(info.value)
+    assert http_server.counts["/bit_models/missing.npz"] == 1
+    assert not os.path.exists(download.cached_path(url, str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_label_names(http_server, monkeypatch, tmp_path):
+    index = {"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"], "2": ["n01484850", "great_white_shark"]}
+    lemmas = "organism, being\nbenthos\n\nheterotroph\n"
+    monkeypatch.setitem(
+        zoo.LABEL_SOURCES, "imagenet1k", http_server.add("/data/imagenet_class_index.json", json.dumps(index).encode())
+    )
+    monkeypatch.setitem(
+        zoo.LABEL_SOURCES, "imagenet21k", http_server.add("/bit_models/imagenet21k_wordnet_lemmas.txt", lemmas.encode())
+    )
+    cache = str(tmp_path / "cache")
+    assert bit_keras.label_names("BiT-S-R50x1", cache_dir=cache, progress=False) == ["tench", "goldfish", "great_white_shark"]
+    assert zoo.label_names("BiT-M-R50x1-ILSVRC2012", cache_dir=cache, progress=False)[1] == "goldfish"
+    assert zoo.label_names("BiT-M-R50x1", cache_dir=cache, progress=False) == ["organism, being", "benthos", "heterotroph"]
+    assert zoo.label_names("imagenet21k", cache_dir=cache, progress=False)[-1] == "heterotroph"
+    assert http_server.counts["/data/imagenet_class_index.json"] == 1
+    assert http_server.counts["/bit_models/imagenet21k_wordnet_lemmas.txt"] == 1
+    assert os.path.exists(download.cached_path(zoo.LABEL_SOURCES["imagenet1k"], cache))
+
+
+@pytest.mark.parametrize("unknown", ["imagenet22k", "R50x1", "BiT-X-R50x1"])
+def test_label_names_unknown_source(unknown, tmp_path):
+    with pytest.raises(ValueError, match="imagenet1k"):
+        zoo.label_names(unknown, cache_dir=str(tmp_path), progress=False)
+    assert not any(tmp_path.iterdir())
