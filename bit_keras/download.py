@@ -1,6 +1,6 @@
 """Download BiT checkpoints and label files into a local cache.
 
-URLs (``http://``, ``https://``, ``gs://``) are fetched once into
+URLs (``http(s)://``, and ``gs://`` or any other scheme ``tf.io.gfile`` reads) are fetched once into
 ``<cache_dir>/<host>/<url path>``; local paths and ``file://`` URLs are used in
 place. Downloads go to a temporary file that is renamed into place only once
 complete, so an interrupted or truncated download is never picked up later.
@@ -20,7 +20,7 @@ CACHE_ENV = "BIT_KERAS_CACHE"
 CHUNK_SIZE = 1 << 20
 TIMEOUT_S = 60
 USER_AGENT = "bit_keras"
-_REMOTE_SCHEMES = ("http", "https", "gs")
+_HTTP_SCHEMES = ("http", "https")
 
 
 class DownloadError(OSError):
@@ -44,9 +44,9 @@ def cached_path(url, cache_dir=None):
     segments (which could escape the cache directory).
     """
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme.lower() not in _REMOTE_SCHEMES:
-        raise ValueError(f"{url!r} is not an http(s):// or gs:// URL")
-    host = parsed.netloc if parsed.scheme.lower() == "gs" else parsed.hostname or ""
+    if not _is_remote(parsed.scheme):
+        raise ValueError(f"{url!r} is not a URL (http(s)://, gs://, ...)")
+    host = parsed.hostname or "" if parsed.scheme.lower() in _HTTP_SCHEMES else parsed.netloc
     if parsed.port is not None:
         host = f"{host}_{parsed.port}"
     parts = [p for p in urllib.parse.unquote(parsed.path).split("/") if p]
@@ -73,7 +73,7 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False):
     """
     parsed = urllib.parse.urlsplit(url_or_path)
     scheme = parsed.scheme.lower()
-    if scheme not in _REMOTE_SCHEMES:
+    if not _is_remote(scheme):
         path = url_or_path
         if scheme == "file":
             path = urllib.request.url2pathname(parsed.path)
@@ -86,7 +86,7 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = f"{dest}.part-{secrets.token_hex(6)}"
-    copy = _copy_gcs if scheme == "gs" else _copy_http
+    copy = _copy_http if scheme in _HTTP_SCHEMES else _copy_gfile
     try:
         with open(tmp, "wb") as out:
             size, total = copy(url_or_path, out, progress, os.path.basename(dest))
@@ -98,6 +98,11 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False):
             os.remove(tmp)
         raise
     return dest
+
+
+def _is_remote(scheme):
+    """http(s), or a filesystem scheme for tf.io.gfile (gs, s3, hdfs, ram); not file:// or a drive letter."""
+    return len(scheme) > 1 and scheme.lower() != "file"
 
 
 def _copy_chunks(read, out, total, progress, desc):
@@ -128,8 +133,8 @@ def _copy_http(url, out, progress, desc):
         raise DownloadError(f"{url}: {type(e).__name__}: {e}") from e
 
 
-def _copy_gcs(url, out, progress, desc):
-    """Copy a gs:// object into ``out``; return (bytes read, object size)."""
+def _copy_gfile(url, out, progress, desc):
+    """Copy a gs:// (or other tf.io.gfile) object into ``out``; return (bytes read, object size)."""
     import tensorflow as tf
 
     try:
