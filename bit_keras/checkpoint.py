@@ -94,9 +94,14 @@ def architecture_of(arrays, source="checkpoint"):
 
 
 def head_classes(arrays):
-    """The class count of a checkpoint's head, or 0 when it has none."""
-    bias = arrays.get(HEAD_KEYS[1])
-    return 0 if bias is None else int(bias.shape[0])
+    """The class count of a checkpoint's head (from its kernel, else its bias), or 0 when it has none.
+
+    Reading either key means a file missing the other one fails on that key, not as an unexpected one.
+    """
+    for key in HEAD_KEYS:
+        if key in arrays:
+            return int(arrays[key].shape[-1])
+    return 0
 
 
 def load_checkpoint(model, path_or_arrays, skip_head=False, source=None):

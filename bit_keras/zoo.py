@@ -144,6 +144,11 @@ def create_model(name_or_arch, weights=None, num_classes=None, *, cache_dir=None
         file_classes = entry.num_classes if entry else None
     if from_file:
         block_units, width = checkpoint.architecture_of(arrays, source)
+        if block_units not in BLOCK_UNITS.values():  # a file missing whole units must not load as another depth
+            raise checkpoint.CheckpointError(
+                f"{source}: units per block {block_units} match no BiT depth {sorted(BLOCK_UNITS)}; "
+                "keys are missing, or pass the architecture name and weights=PATH"
+            )
     elif entry:
         block_units, width = entry.block_units, entry.width
     else:

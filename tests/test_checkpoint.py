@@ -147,3 +147,17 @@ def test_wrong_architecture_names_key_and_shapes(small_npz):
 def test_random_checkpoint_helper_is_official_layout():
     params = random_checkpoint()
     assert len(params) == 153 and all(key.startswith("resnet/") for key in params)
+
+
+def test_file_missing_a_whole_unit_is_not_another_depth(small_params, tmp_path):
+    params = {k: v for k, v in small_params.items() if "block4/unit02/" not in k}
+    write_npz(tmp_path / "cut.npz", params)
+    with pytest.raises(CheckpointError, match=r"units per block \(2, 2, 2, 1\) match no BiT depth"):
+        bit_keras.create_model(str(tmp_path / "cut.npz"))
+
+
+def test_head_class_count_read_from_kernel_when_bias_missing(small_params, tmp_path):
+    params = {k: v for k, v in small_params.items() if k != "resnet/head/conv2d/bias"}
+    write_npz(tmp_path / "no_bias.npz", params)
+    with pytest.raises(CheckpointError, match="missing key 'resnet/head/conv2d/bias'"):
+        bit_keras.create_model(str(tmp_path / "no_bias.npz"))

@@ -14,6 +14,7 @@ import pytest
 
 import bit_keras
 from bit_keras import download, zoo
+from tests.official_npz import write_npz
 from tests.reference_bit import reference_forward
 
 pytestmark = pytest.mark.timeout(120)
@@ -147,7 +148,7 @@ def test_new_head_is_zero_and_features_still_match(small_npz, images, reference)
     logits = model.predict(images, verbose=0)
     assert logits.shape == (2, 7)
     assert np.all(logits == 0.0)
-    other = np.random.default_rng(9).uniform(0, 1, (3, 96, 96, 3)).astype(np.float32)
+    other = np.random.default_rng(9).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
     assert np.all(model.predict(other, verbose=0) == 0.0)
     features = model.feature_extractor(("pre_logits",)).predict(images, verbose=0)["pre_logits"]
     assert_close(features, reference["pre_logits"])
@@ -171,6 +172,14 @@ def test_wrong_architecture_for_file_is_checkpoint_error(small_npz):
         zoo.create_model("R26x1", weights=small_npz, progress=False)
     with pytest.raises(bit_keras.CheckpointError, match="missing key"):
         zoo.create_model("R50x0.5", weights=small_npz, progress=False)
+
+
+def test_missing_head_bias_is_named(small_params, tmp_path):
+    params = dict(small_params)
+    del params["resnet/head/conv2d/bias"]
+    write_npz(tmp_path / "no_bias.npz", params)
+    with pytest.raises(bit_keras.CheckpointError, match="missing key 'resnet/head/conv2d/bias'"):
+        zoo.create_model(str(tmp_path / "no_bias.npz"), progress=False)
 
 
 # ----------------------------------------------------------------------------- downloads
