@@ -1,0 +1,349 @@
+"""Input pipelines: tfds (mocked, offline), image folders of real files, arrays, digits, few-shot, BiT batches."""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bit_keras import data
+
+
+def _bmp_bytes(image):
+    """A 24-bit uncompressed bottom-up BMP."""
+    h, w, _ = image.shape
+    row = (3 * w + 3) // 4 * 4
+    pixels = np.zeros((h, row), np.uint8)
+    pixels[:, : 3 * w] = image[::-1, :, ::-1].reshape(h, 3 * w)
+    header = struct.pack("<2sIHHI", b"BM", 54 + pixels.size, 0, 0, 54)
+    info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, pixels.size, 2835, 2835, 0, 0)
+    return header + info + pixels.tobytes()
+
+
+def _gif_bytes(frames, screen, palette):
+    """A GIF89a of palette-index frames [h, w] (LZW with only literal codes, a clear code every 128)."""
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", screen[1], screen[0], 0xF7, 0, 0) + palette.tobytes())
+    out += b"\x21\xf9\x04\x00\x0a\x00\x00\x00"  # a graphic control extension before the first frame
+    for frame in frames:
+        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, frame.shape[1], frame.shape[0], 0) + b"\x08"
+        pixels = frame.ravel().tolist()
+        codes = [c for i in range(0, len(pixels), 128) for c in [256] + pixels[i : i + 128]] + [257]
+        bits = nbits = 0
+        stream = bytearray()
+        for code in codes:
+            bits, nbits = bits | code << nbits, nbits + 9
+            while nbits >= 8:
+                stream.append(bits & 0xFF)
+                bits, nbits = bits >> 8, nbits - 8
+        stream += bytes([bits]) if nbits else b""
+        for i in range(0, len(stream), 255):
+            out += bytes([len(stream[i : i + 255])]) + stream[i : i + 255]
+        out += b"\x00"
+    return bytes(out + b"\x3b")
+
+
+def _random_image(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), np.uint8)
+
+
+def _write(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def _write_png(path, image):
+    _write(path, tf.io.encode_png(image).numpy())
+
+
+def _images(dataset):
+    return [(x, int(y)) for x, y in dataset.as_numpy_iterator()]
+
+
+# --- tfds -----------------------------------------------------------------------------------------
+
+
+def test_from_tfds_mock_cifar10_counts_offline():
+    with tfds.testing.mock_data(num_examples=7):
+        d = data.from_tfds("cifar10")
+        train, test = _images(d.train), _images(d.test)
+        assert d.class_names == tfds.builder("cifar10").info.features["label"].names  # "0".."9" offline
+    assert d.num_classes == 10
+    assert (d.num_train, d.size_source, d.image_size, d.name) == (7, "counted", (32, 32), "cifar10")
+    assert len(train) == 7 and len(test) == 7 and int(d.train.cardinality()) == 7
+    assert d.train.element_spec[0].shape == (32, 32, 3) and d.train.element_spec[0].dtype == tf.uint8
+    assert d.train.element_spec[1].dtype == tf.int64
+    assert all(x.shape == (32, 32, 3) and 0 <= y < 10 for x, y in train)
+
+
+def test_from_tfds_uses_split_metadata(tmp_path):
+    with tfds.testing.mock_data(num_examples=5, data_dir=str(tmp_path)):
+        builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+        split = tfds.core.SplitInfo(name="train", shard_lengths=[5], num_bytes=0)
+        builder.info.set_splits(tfds.core.SplitDict([split]))
+        os.makedirs(builder.data_dir)
+        builder.info.write_to_directory(builder.data_dir)
+        d = data.from_tfds("cifar10", data_dir=str(tmp_path))
+        assert len(_images(d.train)) == 5
+    assert (d.num_train, d.size_source) == (5, "tfds metadata")
+
+
+def test_from_tfds_grayscale_to_rgb():
+    with tfds.testing.mock_data(num_examples=3):
+        d = data.from_tfds("mnist")
+        (x, _), *_ = _images(d.train)
+    assert x.shape == (28, 28, 3) and d.image_size == (28, 28)
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
+
+
+def test_from_tfds_unknown_name():
+    with pytest.raises(ValueError, match="unknown tensorflow-datasets dataset 'no_such_dataset_xyz'"):
+        data.from_tfds("no_such_dataset_xyz")
+
+
+# --- image folders --------------------------------------------------------------------------------
+
+
+def _formats_folder(root, rng):
+    """Class "a": 3 PNGs 12x10; class "b": a JPEG, a GIF and a BMP 12x10, upper-case extensions included."""
+    images = {}
+    for i in range(3):
+        images[f"a/{i}.png"] = _random_image(rng, 12, 10)
+        _write_png(os.path.join(root, f"a/{i}.png"), images[f"a/{i}.png"])
+    flat = np.full((12, 10, 3), 100, np.uint8)  # JPEG round-trips a flat image almost exactly
+    _write(os.path.join(root, "b/x.JPG"), tf.io.encode_jpeg(flat, quality=100).numpy())
+    palette = rng.integers(0, 256, (256, 3), np.uint8)
+    index = rng.integers(0, 256, (12, 10), np.uint8)
+    _write(os.path.join(root, "b/sub/y.gif"), _gif_bytes([index, 255 - index], (12, 10), palette))
+    images["b/y.bmp"] = _random_image(rng, 12, 10)
+    _write(os.path.join(root, "b/z.Bmp"), _bmp_bytes(images["b/y.bmp"]))
+    _write(os.path.join(root, "b/notes.txt"), b"ignored")
+    return images, palette[index], flat
+
+
+def test_image_folder_formats_and_split_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    images, gif_first_frame, flat = _formats_folder(str(tmp_path / "train"), rng)
+    _write_png(str(tmp_path / "test/b/t.png"), _random_image(rng, 12, 10))
+    d = data.from_image_folder(str(tmp_path))
+    assert d.class_names == ["a", "b"] and (d.num_train, d.image_size) == (6, (12, 10))
+    assert d.train.element_spec[0].shape == (12, 10, 3)
+    train = _images(d.train)
+    assert sorted(y for _, y in train) == [0, 0, 0, 1, 1, 1]
+    assert [y for _, y in _images(d.test)] == [1]
+    decoded = [x for x, _ in train]
+    for expected in [images[f"a/{i}.png"] for i in range(3)] + [images["b/y.bmp"], gif_first_frame]:
+        assert sum(np.array_equal(x, expected) for x in decoded) == 1
+    assert sum(np.abs(x.astype(int) - flat).max() <= 2 for x in decoded) == 1  # the JPEG
+    assert [y for _, y in train] == [y for _, y in _images(d.train)]  # a fixed order
+
+
+def test_image_folder_gif_size_is_largest_frame(tmp_path):
+    """TensorFlow decodes a GIF to its largest frame's size, whatever the screen size says."""
+    rng = np.random.default_rng(1)
+    palette = rng.integers(0, 256, (256, 3), np.uint8)
+    small, large = rng.integers(0, 256, (6, 9), np.uint8), rng.integers(0, 256, (7, 10), np.uint8)
+    _write(str(tmp_path / "c/x.gif"), _gif_bytes([small], (20, 30), palette))
+    _write(str(tmp_path / "c/y.gif"), _gif_bytes([small, large], (2, 2), palette))
+    _write_png(str(tmp_path / "d/z.png"), _random_image(rng, 6, 9))
+    d = data.from_image_folder(str(tmp_path), test_fraction=0)
+    assert d.image_size is None
+    assert sorted(x.shape for x, _ in _images(d.train)) == [(6, 9, 3), (6, 9, 3), (7, 10, 3)]
+    os.remove(tmp_path / "c/y.gif")
+    d = data.from_image_folder(str(tmp_path), test_fraction=0)
+    assert d.image_size == (6, 9) and d.train.element_spec[0].shape == (6, 9, 3)
+    assert [x.shape for x, _ in _images(d.train)] == [(6, 9, 3)] * 2
+
+
+def test_image_folder_stratified_deterministic_split(tmp_path):
+    rng = np.random.default_rng(2)
+    for name, count in (("cat", 10), ("dog", 5), ("emu", 1)):
+        for i in range(count):
+            _write_png(str(tmp_path / name / f"{i}.png"), _random_image(rng, 4 + i % 2, 4))
+    d = data.from_image_folder(str(tmp_path), test_fraction=0.2, seed=0)
+    assert d.image_size is None and d.train.element_spec[0].shape.as_list() == [None, None, 3]
+    test_labels = [y for _, y in _images(d.test)]
+    assert test_labels == [0, 0, 1]  # round(10 * 0.2), round(5 * 0.2), and the lone emu stays in train
+    assert d.num_train == 13 and sorted(y for _, y in _images(d.train)) == [0] * 8 + [1] * 4 + [2]
+
+    def test_pixels(d):
+        return [x.tobytes() for x, _ in _images(d.test)]
+
+    assert test_pixels(data.from_image_folder(str(tmp_path), seed=0)) == test_pixels(d)
+    assert test_pixels(data.from_image_folder(str(tmp_path), seed=1)) != test_pixels(d)
+
+
+def test_image_folder_errors(tmp_path):
+    _write_png(str(tmp_path / "full/0.png"), np.zeros((4, 4, 3), np.uint8))
+    os.makedirs(tmp_path / "empty")
+    _write(str(tmp_path / "empty/readme.txt"), b"no images here")
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / 'empty'} contains no images"):
+        data.from_image_folder(str(tmp_path))
+    os.remove(tmp_path / "empty/readme.txt")
+    os.rmdir(tmp_path / "empty")
+    image = np.zeros((4, 6, 3), np.uint8)
+    gif = _gif_bytes([image[..., 0]], (4, 6), np.zeros((256, 3), np.uint8))
+    bad_files = {
+        "text.jpg": b"this is not an image",
+        "signature_only.png": b"\x89PNG\r\n\x1a\n",
+        "no_frame_header.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+        "truncated.gif": gif[: len(gif) // 2],
+        "trailing_bytes.bmp": _bmp_bytes(image) + b"\x00\x00",  # TensorFlow insists on the exact size
+    }
+    for name, content in bad_files.items():
+        _write(str(tmp_path / "full" / name), content)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'full' / name}: not a readable JPEG, PNG, GIF or BMP"):
+            data.from_image_folder(str(tmp_path))
+        os.remove(tmp_path / "full" / name)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        data.from_image_folder(str(tmp_path / "missing"))
+
+
+def test_image_folder_test_class_missing_from_train(tmp_path):
+    _write_png(str(tmp_path / "train/a/0.png"), np.zeros((4, 4, 3), np.uint8))
+    _write_png(str(tmp_path / "test/zebra/0.png"), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="zebra: class folder missing from"):
+        data.from_image_folder(str(tmp_path))
+
+
+# --- arrays and digits ----------------------------------------------------------------------------
+
+
+def test_from_arrays_grayscale_float_to_uint8_rgb():
+    x = np.linspace(0, 1, 2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
+    d = data.from_arrays(x, [0, 2], x[:1], [1])
+    assert d.class_names == ["0", "1", "2"] and (d.num_train, d.size_source, d.image_size) == (2, "arrays", (5, 4))
+    (image, label), _ = _images(d.train)
+    assert image.shape == (5, 4, 3) and image.dtype == np.uint8 and label == 0
+    np.testing.assert_array_equal(image, np.repeat(np.round(x[0] * 255).astype(np.uint8)[..., None], 3, -1))
+
+
+def test_from_arrays_errors():
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="x_test: float images must lie in"):
+        data.from_arrays(x, [0, 1], np.full((1, 4, 4), 2.0), [0])
+    with pytest.raises(ValueError, match="y_train: label 5 is outside"):
+        data.from_arrays(x, [0, 5], x, [0, 1], class_names=["a", "b"])
+    with pytest.raises(ValueError, match="x_train: expected images"):
+        data.from_arrays(np.zeros((2, 4, 4, 2), np.uint8), [0, 1], x, [0, 1])
+
+
+def test_embedded_digits():
+    d = data.embedded_digits()
+    assert d.class_names == [str(c) for c in range(10)] and d.image_size == (32, 32)
+    train, test = _images(d.train), _images(d.test)
+    assert len(train) + len(test) == 1797 and d.num_train == len(train) and abs(len(test) - 599) <= 10
+    counts = np.bincount([y for _, y in test], minlength=10)
+    assert counts.min() >= 55 and counts.max() <= 62  # a third of each ~180-image class
+    x = np.stack([x for x, _ in train])
+    assert x.shape[1:] == (32, 32, 3) and x.dtype == np.uint8 and x.max() == 255
+    np.testing.assert_array_equal(x[:, ::4, ::4], x[:, 3::4, 3::4])  # nearest 4x upscale
+    assert [y for _, y in test] == [y for _, y in _images(data.embedded_digits().test)]
+
+
+# --- few-shot -------------------------------------------------------------------------------------
+
+
+def _labelled_arrays(counts):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    x = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    return data.from_arrays(x, labels, x[:1], labels[:1], class_names=["ant", "bee", "cow"][: len(counts)])
+
+
+def test_few_shot_exact_and_seeded():
+    d = _labelled_arrays([6, 9, 7])
+    shots = data.few_shot(d, 4, seed=0)
+    assert (shots.num_train, shots.size_source, int(shots.train.cardinality())) == (12, "few-shot", 12)
+    picked = _images(shots.train)
+    assert np.bincount([y for _, y in picked]).tolist() == [4, 4, 4]
+    ids = sorted(int(x[0, 0, 0]) for x, _ in picked)
+    assert len(set(ids)) == 12
+    assert sorted(int(x[0, 0, 0]) for x, _ in _images(data.few_shot(d, 4, seed=0).train)) == ids
+    assert sorted(int(x[0, 0, 0]) for x, _ in _images(data.few_shot(d, 4, seed=1).train)) != ids
+
+
+def test_few_shot_too_small_class():
+    with pytest.raises(ValueError, match="'bee' has 2"):
+        data.few_shot(_labelled_arrays([6, 2, 7]), 5)
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+def _one_image_dataset(image):
+    return tf.data.Dataset.from_tensors((image, np.int64(3)))
+
+
+def test_train_batches_shapes_and_one_hot():
+    d = _labelled_arrays([5, 5, 5])
+    x, y = next(iter(data.train_batches(d.train, resize=20, crop=16, batch_size=4, seed=0)))
+    assert x.shape == (4, 16, 16, 3) and x.dtype == tf.float32 and y.dtype == tf.int64
+    assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
+    _, soft = next(iter(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, num_classes=3)))
+    assert soft.shape == (4, 3) and soft.dtype == tf.float32
+    np.testing.assert_array_equal(soft.numpy(), np.eye(3, dtype=np.float32)[y.numpy()])
+    once = list(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, repeat=False))
+    assert len(once) == 3  # 15 examples, the remainder dropped
+    with pytest.raises(ValueError, match="crop 32 is larger than resize 16"):
+        data.train_batches(d.train, 16, 32, batch_size=4)
+
+
+def test_train_batches_random_flips():
+    image = _random_image(np.random.default_rng(3), 8, 8)
+    expected = image.astype(np.float32) / 255
+    batches = data.train_batches(_one_image_dataset(image), resize=8, crop=8, batch_size=50, seed=0)
+    flipped = []
+    for x, _ in batches.take(4):
+        for draw in x.numpy():
+            is_plain, is_flip = np.allclose(draw, expected), np.allclose(draw, expected[:, ::-1])
+            assert is_plain != is_flip
+            flipped.append(is_flip)
+    assert 60 <= sum(flipped) <= 140  # of 200 fair coin flips
+
+
+def test_train_batches_random_crops_reproducible_by_seed():
+    image = _random_image(np.random.default_rng(4), 12, 12)
+    source = image.astype(np.float32) / 255
+    windows = {(i, j, flip) for i in range(5) for j in range(5) for flip in (False, True)}
+    batches = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
+    first = next(iter(batches))[0].numpy()
+    seen = set()
+    for draw in first:
+        match = [
+            (i, j, flip)
+            for i, j, flip in windows
+            if np.allclose(draw[:, ::-1] if flip else draw, source[i : i + 8, j : j + 8])
+        ]
+        assert len(match) == 1
+        seen.add(match[0][:2])
+    assert len(seen) >= 8  # 40 draws of 25 crop positions
+    again = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
+    np.testing.assert_array_equal(next(iter(again))[0], first)
+    assert not np.array_equal(next(iter(batches))[0], first)  # a new pass draws anew
+
+
+def test_train_batches_cache_rule(monkeypatch):
+    d = _labelled_arrays([5, 5])
+    unknown_size = d.train.filter(lambda x, y: True)
+    assert data._small(d.train) and not data._small(unknown_size)
+    cropped = d.train.map(lambda x, y: (x[: tf.random.uniform((), 1, 3, tf.int32)], y))
+    assert cropped.element_spec[0].shape.as_list() == [None, 2, 3] and not data._small(cropped)
+    monkeypatch.setattr(data, "CACHE_BYTES", 10 * 2 * 2 * 3 - 1)
+    assert not data._small(d.train)
+    x, _ = next(iter(data.train_batches(unknown_size, 4, 2, batch_size=3, seed=0)))  # uncached, still usable
+    assert x.shape == (3, 2, 2, 3)
+
+
+def test_eval_batches_deterministic_with_remainder():
+    d = _labelled_arrays([4, 3, 3])
+    batches = data.eval_batches(d.train, crop=6, batch_size=4, num_classes=3)
+    first, second = list(batches), list(batches)
+    assert [x.shape[0] for x, _ in first] == [4, 4, 2]
+    assert first[0][0].shape == (4, 6, 6, 3) and first[0][0].dtype == tf.float32 and first[0][1].shape == (4, 3)
+    for (x1, y1), (x2, y2) in zip(first, second):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_allclose(first[0][0][0], np.zeros((6, 6, 3)))  # image 0 is all zeros
+    np.testing.assert_allclose(first[-1][0][-1], np.full((6, 6, 3), 9 / 255), rtol=1e-6)
