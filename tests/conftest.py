@@ -4,9 +4,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.official_npz import random_checkpoint, write_npz  # noqa: E402
+from tests.reference_bit import reference_forward  # noqa: E402
 
 R50 = (3, 4, 6, 3)
 
@@ -35,28 +37,30 @@ def small_npz(small_params, tmp_path_factory):
     return str(path)
 
 
-class _LocalHTTPServer:
-    """A real ThreadingHTTPServer on 127.0.0.1 serving ``routes`` (path -> bytes); counts GETs per path."""
+class LocalHTTPServer:
+    """A real ThreadingHTTPServer on 127.0.0.1 serving ``routes``; counts GETs per path, records User-Agents."""
 
     def __init__(self):
         import collections
         import http.server
         import threading
 
-        self.routes = {}
+        self.routes = {}  # path -> (body, announced Content-Length)
         self.counts = collections.Counter()
+        self.user_agents = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.counts[self.path] += 1
-                body = server.routes.get(self.path)
-                if body is None:
+                server.user_agents.append(self.headers.get("User-Agent"))
+                if self.path not in server.routes:
                     self.send_error(404)
                     return
+                body, length = server.routes[self.path]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
                 self.wfile.write(body)
                 self.close_connection = True
@@ -69,16 +73,16 @@ class _LocalHTTPServer:
         self.base = f"http://127.0.0.1:{self.httpd.server_port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def add(self, path, body):
-        """Serve ``body`` at ``path``; returns its URL."""
-        self.routes[path] = bytes(body)
+    def add(self, path, body, length=None):
+        """Serve ``body`` at ``path`` (announcing ``length`` bytes if given); returns its URL."""
+        self.routes[path] = (bytes(body), len(body) if length is None else length)
         return self.base + path
 
 
 @pytest.fixture
 def http_server():
-    """A local HTTP server (see `_LocalHTTPServer`), shut down after the test."""
-    s = _LocalHTTPServer()
+    """A `LocalHTTPServer`, shut down after the test."""
+    s = LocalHTTPServer()
     s.thread.start()
     try:
         yield s
@@ -86,3 +90,14 @@ def http_server():
         s.httpd.shutdown()
         s.httpd.server_close()
         s.thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def small_images():
+    return np.random.default_rng(7).uniform(0.0, 1.0, (2, 64, 64, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def small_reference(small_params, small_images):
+    """The float64 reference outputs of the small checkpoint on `small_images`."""
+    return reference_forward(small_params, small_images, block_units=(2, 2, 2, 2), width=0.5)

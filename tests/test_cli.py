@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from tests.official_npz import write_npz
-from tests.reference_bit import reference_forward
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,16 +77,6 @@ def assert_close(actual, expected):
     scale = np.abs(expected).max()
     assert scale > 0.1
     np.testing.assert_allclose(actual, expected, rtol=0, atol=5e-5 * scale)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(7).uniform(0.0, 1.0, (2, 64, 64, 3)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def reference(small_params, images):
-    return reference_forward(small_params, images, block_units=SMALL_UNITS, width=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -160,24 +149,24 @@ def test_convert_writes_keras_files(converted):
     assert leftovers == ["features.keras", "model.keras"]
 
 
-def test_convert_round_trip_in_fresh_process(converted, images, reference, workdir):
+def test_convert_round_trip_in_fresh_process(converted, small_images, small_reference, workdir):
     assert all(r.returncode == 0 for r in converted["results"])
     out = workdir / "loaded"
     out.mkdir()
-    np.save(out / "images.npy", images)
+    np.save(out / "images.npy", small_images)
     cmd = [sys.executable, "-c", LOAD_SCRIPT, out / "images.npy", out, converted["model"], converted["features"]]
     (result,) = run_all([[str(c) for c in cmd]], workdir, workdir / "cache")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info[str(converted["model"])] == {"class": "BiT", "num_classes": 10, "block_units": [2, 2, 2, 2], "width": 0.5}
     assert info[str(converted["features"])]["num_classes"] == 0
-    assert_close(np.load(out / "out0.npy"), reference["logits"])
+    assert_close(np.load(out / "out0.npy"), small_reference["logits"])
     features = np.load(out / "out1.npy")
     assert features.shape == (2, 1024)
-    assert_close(features, reference["pre_logits"])
+    assert_close(features, small_reference["pre_logits"])
 
 
-def test_convert_overwrite(small_npz, workdir, images, reference):
+def test_convert_overwrite(small_npz, workdir, small_images, small_reference):
     import keras
 
     import bit_keras  # noqa: F401  (registers the classes)
@@ -198,7 +187,7 @@ def test_convert_overwrite(small_npz, workdir, images, reference):
     assert kept.read_bytes() == b"old"
     assert done.returncode == 0, done.stderr
     model = keras.saving.load_model(replaced)
-    assert_close(model.predict(images, verbose=0), reference["logits"])
+    assert_close(model.predict(small_images, verbose=0), small_reference["logits"])
     assert sorted(p.name for p in out.iterdir()) == ["kept.keras", "replaced.keras"]
 
 

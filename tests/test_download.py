@@ -1,10 +1,8 @@
 """Tests for bit_keras.download against a local HTTP server on 127.0.0.1."""
 
-import collections
 import http.server
 import os
 import pathlib
-import threading
 
 import pytest
 
@@ -14,56 +12,6 @@ from bit_keras.download import DownloadError, cached_path, default_cache_dir, fe
 pytestmark = pytest.mark.timeout(10)
 
 PAYLOAD = bytes(range(256)) * 4099  # > 1 MiB, so the download takes several chunks
-
-
-class Server:
-    """A ThreadingHTTPServer serving ``routes`` and counting requests per path."""
-
-    def __init__(self):
-        self.routes = {}  # path -> (body, announced Content-Length)
-        self.counts = collections.Counter()
-        self.user_agents = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.counts[self.path] += 1
-                server.user_agents.append(self.headers.get("User-Agent"))
-                if self.path not in server.routes:
-                    self.send_error(404)
-                    return
-                body, length = server.routes[self.path]
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(length))
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def add(self, path, body, length=None):
-        self.routes[path] = (body, len(body) if length is None else length)
-        return self.base + path
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    s.thread.start()
-    try:
-        yield s
-    finally:
-        s.httpd.shutdown()
-        s.httpd.server_close()
-        s.thread.join(timeout=5)
 
 
 def leftovers(directory):
@@ -93,30 +41,30 @@ def test_rejects_paths_outside_cache(tmp_path, url):
         fetch(url, cache_dir=str(tmp_path), progress=False)
 
 
-def test_download_lands_at_cached_path(server, tmp_path):
-    url = server.add("/bit_models/BiT-M-R50x1.npz", PAYLOAD)
+def test_download_lands_at_cached_path(http_server, tmp_path):
+    url = http_server.add("/bit_models/BiT-M-R50x1.npz", PAYLOAD)
     path = fetch(url, cache_dir=str(tmp_path), progress=False)
     assert path == cached_path(url, str(tmp_path))
     assert pathlib.Path(path).read_bytes() == PAYLOAD
-    assert server.user_agents == ["bit_keras"]
+    assert http_server.user_agents == ["bit_keras"]
     assert leftovers(os.path.dirname(path)) == []
 
 
-def test_second_fetch_uses_cache_and_force_downloads_again(server, tmp_path):
-    url = server.add("/bit_models/labels.txt", b"tench\ngoldfish\n")
+def test_second_fetch_uses_cache_and_force_downloads_again(http_server, tmp_path):
+    url = http_server.add("/bit_models/labels.txt", b"tench\ngoldfish\n")
     first = fetch(url, cache_dir=str(tmp_path), progress=False)
-    assert server.counts["/bit_models/labels.txt"] == 1
+    assert http_server.counts["/bit_models/labels.txt"] == 1
     assert fetch(url, cache_dir=str(tmp_path), progress=False) == first
-    assert server.counts["/bit_models/labels.txt"] == 1
+    assert http_server.counts["/bit_models/labels.txt"] == 1
 
-    server.add("/bit_models/labels.txt", b"new contents\n")
+    http_server.add("/bit_models/labels.txt", b"new contents\n")
     assert fetch(url, cache_dir=str(tmp_path), progress=False, force=True) == first
-    assert server.counts["/bit_models/labels.txt"] == 2
+    assert http_server.counts["/bit_models/labels.txt"] == 2
     assert pathlib.Path(first).read_bytes() == b"new contents\n"
 
 
-def test_http_404(server, tmp_path):
-    url = server.base + "/bit_models/missing.npz"
+def test_http_404(http_server, tmp_path):
+    url = http_server.base + "/bit_models/missing.npz"
     with pytest.raises(DownloadError, match="404") as info:
         fetch(url, cache_dir=str(tmp_path), progress=False)
     assert url in str(info.value)
@@ -126,8 +74,8 @@ def test_http_404(server, tmp_path):
     assert leftovers(os.path.dirname(dest)) == []
 
 
-def test_truncated_download_leaves_nothing(server, tmp_path):
-    url = server.add("/bit_models/short.npz", PAYLOAD[:1000], length=len(PAYLOAD))
+def test_truncated_download_leaves_nothing(http_server, tmp_path):
+    url = http_server.add("/bit_models/short.npz", PAYLOAD[:1000], length=len(PAYLOAD))
     with pytest.raises(DownloadError, match=f"truncated: got 1000 of {len(PAYLOAD)} bytes") as info:
         fetch(url, cache_dir=str(tmp_path), progress=False)
     assert url in str(info.value)
@@ -147,7 +95,7 @@ def test_connection_refused(tmp_path):
     assert not os.path.exists(cached_path(url, str(tmp_path)))
 
 
-def test_interrupted_download_leaves_nothing(server, tmp_path, monkeypatch):
+def test_interrupted_download_leaves_nothing(http_server, tmp_path, monkeypatch):
     class InterruptingBar:
         def __init__(self, **kwargs):
             pass
@@ -162,7 +110,7 @@ def test_interrupted_download_leaves_nothing(server, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(download, "tqdm", InterruptingBar)
-    url = server.add("/bit_models/big.npz", PAYLOAD)
+    url = http_server.add("/bit_models/big.npz", PAYLOAD)
     with pytest.raises(KeyboardInterrupt):
         fetch(url, cache_dir=str(tmp_path), progress=False)
     dest = cached_path(url, str(tmp_path))
@@ -170,13 +118,13 @@ def test_interrupted_download_leaves_nothing(server, tmp_path, monkeypatch):
     assert leftovers(os.path.dirname(dest)) == []
 
 
-def test_cache_env_var(server, tmp_path, monkeypatch):
+def test_cache_env_var(http_server, tmp_path, monkeypatch):
     cache = tmp_path / "env_cache"
     monkeypatch.setenv(download.CACHE_ENV, str(cache))
     assert default_cache_dir() == str(cache)
-    url = server.add("/bit_models/env.txt", b"x" * 10)
+    url = http_server.add("/bit_models/env.txt", b"x" * 10)
     path = fetch(url, progress=False)
-    assert path == os.path.join(str(cache), f"127.0.0.1_{server.httpd.server_port}",
+    assert path == os.path.join(str(cache), f"127.0.0.1_{http_server.httpd.server_port}",
                                 "bit_models", "env.txt")
     assert pathlib.Path(path).read_bytes() == b"x" * 10
 
