@@ -131,3 +131,14 @@ def test_other_backend_fails_at_import_with_fix():
     result = subprocess.run([sys.executable, "-c", "import bit_keras"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "KERAS_BACKEND=tensorflow" in result.stderr.strip().splitlines()[-1]
+
+
+def test_mixed_precision_keras_file_round_trip(tmp_path):
+    model = BiT(**SMALL, num_classes=3, dtype="mixed_bfloat16")
+    path = str(tmp_path / "mixed.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.policy == "mixed_bfloat16"
+    assert loaded.get_layer("block1_unit01").compute_dtype == "bfloat16"
+    x = batch()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
