@@ -73,10 +73,7 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
         num_train, size_source = int(undecoded.reduce(np.int64(0), lambda n, _: n + 1)), "counted"
 
     def load(split):
-        dataset = builder.as_dataset(split=split, as_supervised=True)
-        if shape[-1] == 1:
-            dataset = dataset.map(lambda x, y: (tf.image.grayscale_to_rgb(x), y), num_parallel_calls=AUTOTUNE)
-        return dataset
+        return _rgb(builder.as_dataset(split=split, as_supervised=True), shape[-1])
 
     train = load(train_split).apply(tf.data.experimental.assert_cardinality(num_train))
     image_size = shape[:2] if None not in shape[:2] else None
@@ -392,7 +389,11 @@ def _int_labels(y, n, what):
 
 
 def _array_dataset(x, y):
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if x.shape[-1] == 1:
+    return _rgb(tf.data.Dataset.from_tensor_slices((x, y)), x.shape[-1])
+
+
+def _rgb(dataset, channels):
+    """`(image, label)` examples with single-channel images converted to RGB."""
+    if channels == 1:
         dataset = dataset.map(lambda x, y: (tf.image.grayscale_to_rgb(x), y), num_parallel_calls=AUTOTUNE)
     return dataset
