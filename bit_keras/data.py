@@ -13,6 +13,8 @@ import struct
 import numpy as np
 import tensorflow as tf
 
+from bit_keras.mixup import mixup
+
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 CACHE_BYTES = 1 << 30  # train_batches caches decoded images automatically up to this size
@@ -184,45 +186,87 @@ def few_shot(data, examples_per_class, seed=0):
 
 
 def train_batches(
-    dataset, resize, crop, batch_size, seed=None, shuffle_buffer=None, repeat=True, num_classes=None, cache=None
+    dataset,
+    resize,
+    crop,
+    batch_size,
+    seed=0,
+    start_step=0,
+    steps=None,
+    num_classes=None,
+    mixup_alpha=0.0,
+    cache=None,
+    shuffle_buffer=None,
 ):
     """BiT training batches: `(float32 [batch_size, crop, crop, 3] in [0, 1], labels)`.
 
     Each image is resized to (resize, resize) (bilinear, on [0, 1] floats), randomly cropped to
     (crop, crop) and flipped left-right with probability 1/2; labels are int64, or one-hot float32
-    when `num_classes` is given (soft targets for MixUp). Batches drop the remainder.
+    when `num_classes` is given. `mixup_alpha > 0` (needs `num_classes`) mixes each batch with its
+    reverse, one lambda ~ Beta(alpha, alpha) per batch, into soft targets. Batches drop the remainder.
+
+    The stream is a pure function of `seed` and the position in it: pass p over the data is shuffled
+    with a seed derived from (seed, p), example i of the stream is augmented with one from (seed, i)
+    and batch s is mixed with one from (seed, s). So `start_step=s` yields exactly the batches s, s+1, ...
+    of the stream from 0 (what an exact resume needs) without augmenting what it skips. `steps`
+    ends the stream after batch `steps - 1`; None repeats forever. The dataset's size must be known.
 
     Caching: with `cache=None`, the decoded images are cached in memory before the augmentation when
-    the dataset's size is known and its images have a static shape taking at most `CACHE_BYTES`
-    (1 GiB) in all (CIFAR, digits, arrays, few-shot subsets of those, uniform image folders).
-    `shuffle_buffer=None` shuffles a cached dataset whole, otherwise with `SHUFFLE_BUFFER` decoded
-    images (kept small for memory: the sources come pre-shuffled, tfds by its generation and image
-    folders by `seed`).
-    A `seed` makes the order and the augmentation reproducible; every pass draws anew.
+    its images have a static shape taking at most `CACHE_BYTES` (1 GiB) in all (CIFAR, digits,
+    arrays, few-shot subsets of those, uniform image folders). `shuffle_buffer=None` shuffles a
+    cached dataset whole, otherwise with `SHUFFLE_BUFFER` decoded images (kept small for memory: the
+    sources come pre-shuffled, tfds by its generation and image folders by their seed).
     """
     if crop > resize:
         raise ValueError(f"crop {crop} is larger than resize {resize}")
+    if mixup_alpha and not num_classes:
+        raise ValueError("MixUp needs num_classes (it mixes one-hot labels into soft targets)")
     size = int(dataset.cardinality())
+    if size < 1:
+        raise ValueError(
+            f"train_batches needs a non-empty dataset of known size, got cardinality {size} "
+            "(apply tf.data.experimental.assert_cardinality)"
+        )
     if cache is None:
         cache = _small(dataset)
     if cache:
         dataset = dataset.cache()
     if shuffle_buffer is None:
-        shuffle_buffer = size if cache and size > 0 else SHUFFLE_BUFFER
-    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        shuffle_buffer = size if cache else SHUFFLE_BUFFER
+    first_pass, skip = divmod(start_step * batch_size, size)
 
-    def augment(example, pair):
+    def one_pass(p):
+        pass_seed = tf.random.stateless_uniform([], _stream_seed(seed, _PASS, p), minval=None, dtype=tf.int64)
+        return dataset.shuffle(shuffle_buffer, seed=pass_seed, reshuffle_each_iteration=False)
+
+    stream = tf.data.Dataset.counter(first_pass).flat_map(one_pass).skip(skip)
+    positions = tf.data.Dataset.counter(start_step * batch_size)
+
+    def augment(example, i):
         image, label = example
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(_stream_seed(seed, _EXAMPLE, i), 2))
         image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (resize, resize))
         image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=crop_seed)
         return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), _target(label, num_classes)
 
-    dataset = tf.data.Dataset.zip((dataset, seeds)).map(augment, num_parallel_calls=AUTOTUNE)
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    batches = tf.data.Dataset.zip((stream, positions)).map(augment, num_parallel_calls=AUTOTUNE)
+    batches = batches.batch(batch_size, drop_remainder=True)
+    if mixup_alpha:
+        steps_from = tf.data.Dataset.counter(start_step)
+        mix = lambda batch, s: mixup(*batch, mixup_alpha, seed=_stream_seed(seed, _BATCH, s))  # noqa: E731
+        batches = tf.data.Dataset.zip((batches, steps_from)).map(mix, num_parallel_calls=AUTOTUNE)
+    if steps is not None:
+        batches = batches.take(steps - start_step)
+    return batches.prefetch(AUTOTUNE)
+
+
+_PASS, _EXAMPLE, _BATCH = 0, 1, 2  # independent random streams derived from one seed
+
+
+def _stream_seed(seed, stream, position):
+    """A stateless-RNG seed for `position` in one of the random streams of `seed`."""
+    base = tf.constant([seed, stream], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
 
 
 def eval_batches(dataset, crop, batch_size, num_classes=None):

@@ -284,8 +284,8 @@ def test_train_batches_shapes_and_one_hot():
     _, soft = next(iter(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, num_classes=3)))
     assert soft.shape == (4, 3) and soft.dtype == tf.float32
     np.testing.assert_array_equal(soft.numpy(), np.eye(3, dtype=np.float32)[y.numpy()])
-    once = list(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, repeat=False))
-    assert len(once) == 3  # 15 examples, the remainder dropped
+    finite = list(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, start_step=2, steps=7))
+    assert len(finite) == 5
     with pytest.raises(ValueError, match="crop 32 is larger than resize 16"):
         data.train_batches(d.train, 16, 32, batch_size=4)
 
@@ -321,7 +321,43 @@ def test_train_batches_random_crops_reproducible_by_seed():
     assert len(seen) >= 8  # 40 draws of 25 crop positions
     again = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
     np.testing.assert_array_equal(next(iter(again))[0], first)
-    assert not np.array_equal(next(iter(batches))[0], first)  # a new pass draws anew
+    assert not np.array_equal(list(batches.take(2))[1][0], first)  # the next batch draws anew
+    other_seed = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=2)
+    assert not np.array_equal(next(iter(other_seed))[0], first)
+
+
+def test_train_batches_resume_from_any_step():
+    """The stream is a function of (seed, position): starting at step s gives batch s of the full stream,
+    across pass boundaries (15 examples, batch 4), with and without caching, MixUp included."""
+    d = _labelled_arrays([5, 5, 5])
+    for cache in (True, False):
+        kwargs = dict(resize=10, crop=8, batch_size=4, seed=3, num_classes=3, mixup_alpha=0.4, cache=cache)
+        full = list(data.train_batches(d.train, steps=9, **kwargs))
+        for start in (1, 3, 4, 8):
+            resumed = list(data.train_batches(d.train, start_step=start, steps=9, **kwargs))
+            assert len(resumed) == 9 - start
+            for (x, y), (x_full, y_full) in zip(resumed, full[start:]):
+                np.testing.assert_array_equal(x, x_full)
+                np.testing.assert_array_equal(y, y_full)
+    labels = [y.numpy() for _, y in full]
+    assert any(not np.isin(y, [0.0, 1.0]).all() for y in labels)  # MixUp made soft targets
+
+
+def test_train_batches_every_example_once_per_pass():
+    d = _labelled_arrays([4, 4, 4])  # pixel value = example index
+    batches = data.train_batches(d.train, resize=6, crop=6, batch_size=4, seed=0, steps=6)
+    seen = np.concatenate([np.round(x.numpy()[:, 0, 0, 0] * 255) for x, _ in batches])
+    first, second = seen[:12], seen[12:]
+    assert sorted(first) == sorted(second) == list(range(12))
+    assert list(first) != list(second)  # each pass is shuffled anew
+
+
+def test_train_batches_errors():
+    d = _labelled_arrays([2, 2])
+    with pytest.raises(ValueError, match="needs num_classes"):
+        data.train_batches(d.train, 8, 8, batch_size=2, mixup_alpha=0.1)
+    with pytest.raises(ValueError, match="known size"):
+        data.train_batches(d.train.filter(lambda x, y: True), 8, 8, batch_size=2)
 
 
 def test_train_batches_cache_rule(monkeypatch):
@@ -332,7 +368,7 @@ def test_train_batches_cache_rule(monkeypatch):
     assert cropped.element_spec[0].shape.as_list() == [None, 2, 3] and not data._small(cropped)
     monkeypatch.setattr(data, "CACHE_BYTES", 10 * 2 * 2 * 3 - 1)
     assert not data._small(d.train)
-    x, _ = next(iter(data.train_batches(unknown_size, 4, 2, batch_size=3, seed=0)))  # uncached, still usable
+    x, _ = next(iter(data.train_batches(d.train, 4, 2, batch_size=3, seed=0)))  # uncached, still usable
     assert x.shape == (3, 2, 2, 3)
 
 
