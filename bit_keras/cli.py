@@ -1,4 +1,4 @@
-"""`bit-keras`: one subcommand per function (`models`, `convert`)."""
+"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`)."""
 
 import argparse
 import os
@@ -46,6 +46,62 @@ def _convert(args):
     print(f"wrote {args.out}: {model.name}, {model.count_params():,} parameters, {model.num_classes or 'no'} head classes")
 
 
+def _finetune(args):
+    from bit_keras.finetune import finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
+    finetune(**options, verbose=0 if args.quiet else 1)
+
+
+def _add_finetune(sub):
+    from bit_keras.finetune import EMBEDDED, TRAINABLE_FROM
+    from bit_keras.strategy import STRATEGIES
+
+    embedded = ", ".join(f"{k} {v}" for k, v in EMBEDDED.items())
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a BiT model with the BiT-HyperRule",
+        description="Fine-tune a BiT model on a tfds dataset or an image folder with the BiT-HyperRule. "
+        f"Without --dataset or --image_folder: scikit-learn's bundled digits, offline, with {embedded} "
+        "(each overridable).",
+    )
+    # The official big_transfer flags.
+    p.add_argument("--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: DATA-MODEL)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint name (BiT-M-R50x1), official .npz path/URL, or architecture (scratch)"
+    )
+    p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
+    p.add_argument("--dataset", default=None, help="tensorflow-datasets name, e.g. cifar10 or oxford_iiit_pet")
+    p.add_argument("--examples_per_class", type=int, default=None, help="few-shot: K training examples per class")
+    p.add_argument("--examples_per_class_seed", type=int, default=0, help="seed of the few-shot draw")
+    p.add_argument("--batch", type=int, default=None, help="global batch (HyperRule: 512)")
+    p.add_argument("--batch_split", type=int, default=1, help="micro-batches per replica batch (same update)")
+    p.add_argument("--base_lr", type=float, default=None, help="learning rate at batch 512 (HyperRule: 0.003)")
+    p.add_argument("--eval_every", type=int, default=None, help="evaluate and checkpoint every N steps")
+    p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
+    # Ours.
+    p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
+    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
+    p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
+    p.add_argument("--train_split", default="train", help="tfds training split (default: train)")
+    p.add_argument("--test_split", default="test", help="tfds test split (default: test)")
+    p.add_argument("--dataset_size", type=int, default=None, help="training-set size for the HyperRule")
+    p.add_argument("--resolution", type=int, default=None, help="crop size, replacing the HyperRule's")
+    p.add_argument("--steps", type=int, default=None, help="total steps (the schedule scaled to fit)")
+    p.add_argument("--mixup_alpha", type=float, default=None, help="MixUp alpha, replacing the HyperRule's")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)")
+    p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
+    p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
+    p.add_argument("--xla", action="store_true", help="compile the train step with XLA (not with Mirrored on CPU)")
+    p.add_argument("--freeze_backbone", action="store_true", help="train only the head (a linear probe)")
+    p.add_argument("--trainable_from", choices=TRAINABLE_FROM, default=None, help="freeze everything before this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and MixUp")
+    p.add_argument("--cache_dir", default=None, help="download cache directory")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_finetune)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="bit-keras", description="Big Transfer (BiT) for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +121,8 @@ def build_parser():
     convert.add_argument("--cache_dir", default=None, help="download cache directory")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     convert.set_defaults(func=_convert)
+
+    _add_finetune(sub)
     return parser
 
 
@@ -74,10 +132,15 @@ def main(argv=None):
         from bit_keras.zoo import CHECKPOINTS
 
         args.weights = "pretrained" if args.model in CHECKPOINTS else None
+    import tensorflow as tf
+
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # CheckpointError, DownloadError, FileNotFoundError included
         print(f"bit-keras {args.command}: {err}", file=sys.stderr)
+        return 1
+    except tf.errors.OpError as err:  # e.g. an image whose body does not decode, met during training
+        print(f"bit-keras {args.command}: {type(err).__name__}: {err.message.splitlines()[0]}", file=sys.stderr)
         return 1
     return 0
 

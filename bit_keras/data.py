@@ -236,6 +236,9 @@ def train_batches(
     first_pass, skip = divmod(start_step * batch_size, size)
 
     def one_pass(p):
+        # A graph-level seed for this function only: with a global seed of 0, tf.data's seed handling
+        # would compare the tensor seed below to 0 in Python and fail.
+        tf.random.set_seed(1)
         pass_seed = tf.random.stateless_uniform([], _stream_seed(seed, _PASS, p), minval=None, dtype=tf.int64)
         return dataset.shuffle(shuffle_buffer, seed=pass_seed, reshuffle_each_iteration=False)
 

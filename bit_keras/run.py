@@ -1,0 +1,193 @@
+"""A training run's folder: its configuration, exact-resume checkpoints, evaluations, final model and metrics.
+
+    LOGDIR/NAME/
+      run.json            what the run trains (checked on resume)
+      checkpoint/         latest training state: step-S.weights.h5 (model + optimizer) and state.json
+      tensorboard/        TensorBoard logs
+      model.keras         the final model          \
+      class_names.txt     one class name per line   } written at the end;
+      curves.png          learning curves          /
+      metrics.json        written last: its presence means the run finished (the checkpoint is then deleted)
+
+Every file is written to a temporary name and renamed into place, so a killed run never leaves a
+half-written file, and only a finished run has `metrics.json`.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import keras
+
+CONFIG, STATE, METRICS = "run.json", "state.json", "metrics.json"
+
+
+class RunFolder:
+    """The files of one run at `path`. On a non-chief multi-worker task (`chief=False`) everything is
+    written to a private temporary folder instead (the workers must all save, only one may publish)."""
+
+    def __init__(self, path, chief=True):
+        self.path = path if chief else tempfile.mkdtemp(prefix="bit_keras_worker_")
+        self.chief = chief
+        self.checkpoint_dir = os.path.join(self.path, "checkpoint")
+        self.tensorboard_dir = os.path.join(self.path, "tensorboard")
+        self.model_path = os.path.join(self.path, "model.keras")
+        self.classes_path = os.path.join(self.path, "class_names.txt")
+        self.plot_path = os.path.join(self.path, "curves.png")
+        self.metrics_path = os.path.join(self.path, METRICS)
+
+    def finished(self):
+        return os.path.exists(self.metrics_path)
+
+    def state(self):
+        """The saved training state (`step`, `weights`, `evals`, `history`, `wall_s`), or None."""
+        path = os.path.join(self.checkpoint_dir, STATE)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def check_config(self, config):
+        """Refuse to resume a checkpoint written for another configuration; name what differs."""
+        path = os.path.join(self.path, CONFIG)
+        if self.state() is None or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        config = json.loads(json.dumps(config))  # tuples as lists, as saved
+        differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+        if differ:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ[:4])
+            raise ValueError(
+                f"{self.checkpoint_dir}: the checkpoint there was written for another run ({details}); "
+                "use another --name, or --overwrite to start this one afresh"
+            )
+
+    def start(self, config):
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        self._write_json(os.path.join(self.path, CONFIG), config)
+
+    def save(self, trainer, state):
+        """Save the trainer's weights (model and optimizer) and `state`, atomically, replacing the previous ones."""
+        weights = f"step-{state['step']}.weights.h5"
+        tmp = os.path.join(self.checkpoint_dir, f".{weights}.{os.getpid()}.weights.h5")  # Keras wants the suffix
+        trainer.save_weights(tmp)
+        os.replace(tmp, os.path.join(self.checkpoint_dir, weights))
+        previous = self.state()
+        self._write_json(os.path.join(self.checkpoint_dir, STATE), {**state, "weights": weights})
+        if previous and previous["weights"] != weights:
+            os.remove(os.path.join(self.checkpoint_dir, previous["weights"]))
+
+    def restore(self, trainer):
+        """Load the saved weights into `trainer` (its optimizer built) and return the state, or None."""
+        state = self.state()
+        if state is not None:
+            trainer.load_weights(os.path.join(self.checkpoint_dir, state["weights"]))
+        return state
+
+    def finish(self, model, class_names, metrics):
+        """Write the final model, class names, curves and, last, `metrics.json`."""
+        tmp = os.path.join(self.path, f".model.{os.getpid()}.keras")
+        model.save(tmp)
+        os.replace(tmp, self.model_path)
+        self._write_text(self.classes_path, "".join(f"{name}\n" for name in class_names))
+        plot_curves(metrics, self.plot_path)
+        self._write_json(self.metrics_path, metrics)
+        shutil.rmtree(self.checkpoint_dir)  # the training state is no longer needed: model.keras has the weights
+
+    def _write_json(self, path, value):
+        self._write_text(path, json.dumps(value, indent=2) + "\n")
+
+    def _write_text(self, path, text):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+class RunCallback(keras.callbacks.Callback):
+    """Evaluates (through `fit`'s validation data), checkpoints and stops a run of `total_steps`.
+
+    At every epoch end (every `eval_every` steps) it appends `{step, test_accuracy, test_loss,
+    train_loss, train_accuracy, learning_rate}` to `evals`, adds `learning_rate` to the logs (list it
+    before TensorBoard), and saves the checkpoint. Training throughput is timed without evaluation.
+    """
+
+    def __init__(self, run, total_steps, batch_size, state=None):
+        super().__init__()
+        state = state or {}
+        self.run = run
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.evals = list(state.get("evals", []))
+        self.wall_s = state.get("wall_s", 0.0)  # of earlier sessions of this run
+        self.train_s = state.get("train_s", 0.0)
+        self.trained_images = state.get("trained_images", 0)
+
+    def on_train_begin(self, logs=None):
+        self._session_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._epoch_first_step = self._step()
+        self._epoch_train_s = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._step() >= self.total_steps:
+            self.model.stop_training = True
+
+    def on_test_begin(self, logs=None):
+        if self._epoch_train_s is None:  # fit's validation, not a separate evaluate()
+            self._epoch_train_s = time.perf_counter() - self._epoch_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        step = self._step()
+        self.train_s += self._epoch_train_s or (time.perf_counter() - self._epoch_start)
+        self.trained_images += (step - self._epoch_first_step) * self.batch_size
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["learning_rate"] = learning_rate
+        entry = {"step": step, "test_accuracy": float(logs["val_accuracy"]), "test_loss": float(logs["val_loss"])}
+        entry.update(train_loss=float(logs["loss"]), train_accuracy=float(logs["accuracy"]), learning_rate=learning_rate)
+        self.evals.append(entry)
+        self.run.save(self.model, self.state(step))
+
+    def state(self, step):
+        return {
+            "step": step,
+            "evals": self.evals,
+            "wall_s": self.wall_s + time.perf_counter() - self._session_start,
+            "train_s": self.train_s,
+            "trained_images": self.trained_images,
+        }
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+
+def plot_curves(metrics, path):
+    """Training loss and test accuracy against the step, from `metrics["evals"]`, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    evals = metrics["evals"]
+    steps = [e["step"] for e in evals]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(steps, [e["train_loss"] for e in evals], marker="o", label="train (since the previous eval)")
+    loss_ax.plot(steps, [e["test_loss"] for e in evals], marker="o", label="test")
+    loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    loss_ax.legend()
+    acc_ax.plot(steps, [e["train_accuracy"] for e in evals], marker="o", label="train (against the targets' argmax)")
+    acc_ax.plot(steps, [e["test_accuracy"] for e in evals], marker="o", label="test")
+    acc_ax.set(xlabel="step", ylabel="top-1 accuracy", title=f"test accuracy {metrics['test_accuracy']:.4f}", ylim=(0, 1))
+    acc_ax.legend()
+    fig.suptitle(metrics.get("name", ""))
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

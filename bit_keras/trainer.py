@@ -1,0 +1,109 @@
+"""`Trainer`: a classifier wrapped for `model.fit` with micro-batched steps under any `tf.distribute` strategy."""
+
+import keras
+import tensorflow as tf
+
+from bit_keras.strategy import is_multi_worker
+
+
+class Trainer(keras.Model):
+    """Trains `model` (images -> logits) with softmax cross-entropy on one-hot or soft (MixUp) targets.
+
+    `batch_split=N` cuts each replica's batch into N micro-batches whose gradients are summed before
+    one optimizer update: the same update as the whole batch (up to float summation order), in 1/N
+    of the activation memory. (Keras' `gradient_accumulation_steps` cannot do this under
+    MirroredStrategy: it merges inside a cond.) Metrics: `loss` (cross-entropy plus the model's
+    regularization losses) and top-1 `accuracy` against the targets' argmax.
+
+    Compile it with only an optimizer; create it, and compile it, inside the strategy's scope.
+    """
+
+    def __init__(self, model, batch_split=1, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(batch_split, int) or batch_split < 1:
+            raise ValueError(f"batch_split must be a positive integer, got {batch_split!r}")
+        self.model = model
+        self.batch_split = batch_split
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy]
+
+    def call(self, images, training=False):
+        return self.model(images, training=training)
+
+    def train_step(self, data):
+        images, targets = data
+        variables = self.trainable_variables
+        n = self.batch_split
+        if n == 1:
+            loss, gradients, logits = self._loss_and_gradients(images, targets, variables)
+        else:
+            batch = tf.shape(images)[0]
+            tf.debugging.assert_equal(
+                batch % n, 0, message=f"the per-replica batch must be divisible by batch_split={n}"
+            )
+            micro_images = tf.reshape(images, tf.concat([[n, batch // n], tf.shape(images)[1:]], 0))
+            micro_targets = tf.reshape(targets, tf.concat([[n, batch // n], tf.shape(targets)[1:]], 0))
+
+            def step(i, loss, gradients, logits):
+                micro_loss, micro_gradients, micro_logits = self._loss_and_gradients(
+                    micro_images[i], micro_targets[i], variables
+                )
+                gradients = [a + g for a, g in zip(gradients, micro_gradients)]
+                return i + 1, loss + micro_loss, gradients, logits.write(i, micro_logits)
+
+            _, loss, gradients, logits = tf.while_loop(
+                lambda i, *_: i < n,
+                step,
+                (
+                    tf.constant(0),
+                    tf.constant(0.0),
+                    [tf.zeros_like(v) for v in variables],
+                    tf.TensorArray(tf.float32, size=n),
+                ),
+            )
+            logits = logits.concat()
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._update_metrics(loss, targets, logits)
+
+    def test_step(self, data):
+        images, targets = data
+        logits = self(images, training=False)
+        return self._update_metrics(self._loss(targets, logits), targets, logits)
+
+    def _loss(self, targets, logits):
+        """The mean cross-entropy of this (micro-)batch plus the model's regularization losses."""
+        cross_entropy = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+        return tf.reduce_mean(cross_entropy) + tf.add_n([tf.constant(0.0)] + [tf.cast(x, tf.float32) for x in self.losses])
+
+    def _loss_and_gradients(self, images, targets, variables):
+        """The loss of one of `batch_split` micro-batches as a share of the step's loss, its gradients and logits."""
+        with tf.GradientTape() as tape:
+            logits = tf.cast(self(images, training=True), tf.float32)
+            loss = self._loss(targets, logits) / self.batch_split
+            # Gradients are summed over replicas: each contributes its share of the global mean.
+            replica_share = loss / tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(replica_share)  # loss scaling under mixed_float16
+        return loss, tape.gradient(scaled, variables), logits
+
+    def _update_metrics(self, loss, targets, logits):
+        self.loss_tracker.update_state(loss, sample_weight=tf.shape(logits)[0])
+        self.accuracy.update_state(targets, logits)
+        logs = {m.name: m.result() for m in self.metrics}
+        if is_multi_worker(tf.distribute.get_strategy()):
+            # keras#20585: Keras averages multi-worker logs with reduce(MEAN, axis=0), which needs a batch axis.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # keras#20585: Keras builds from a first batch by reducing it across replicas eagerly, which
+        # MultiWorkerMirroredStrategy cannot do. Nothing needs building here: the model is functional,
+        # there is no compiled loss or metric, and `build_optimizer` creates the optimizer's state.
+        pass
+
+    def build_optimizer(self):
+        """Create the optimizer's variables for the trainable weights (before `fit` or loading a checkpoint)."""
+        self.optimizer.build(self.trainable_variables)
