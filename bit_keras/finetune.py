@@ -1,6 +1,7 @@
 """`finetune`: transfer a BiT model to a dataset with the BiT-HyperRule, through `model.fit`."""
 
 import dataclasses
+import json
 import math
 import os
 
@@ -212,6 +213,7 @@ def finetune(
         **{k: v for k, v in config.items() if k not in ("class_names", "hyperrule")},
         "hyperrule": config["hyperrule"],
     }
+    metrics = json.loads(json.dumps(metrics))  # exactly what metrics.json holds
     if run.chief:
         run.finish(classifier, data.class_names, metrics)
     log(f"test accuracy {metrics['test_accuracy']:.4f} after {rule.steps} steps; run folder {run_dir}")

@@ -26,6 +26,7 @@ class Trainer(keras.Model):
         self.batch_split = batch_split
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+        self.built = True  # nothing of its own to build: `model` is
 
     @property
     def metrics(self):
@@ -38,13 +39,17 @@ class Trainer(keras.Model):
         images, targets = data
         variables = self.trainable_variables
         n = self.batch_split
+        if images.shape[0] is not None and images.shape[0] % n:
+            raise ValueError(f"the per-replica batch {images.shape[0]} is not divisible by batch_split={n}")
         if n == 1:
             loss, gradients, logits = self._loss_and_gradients(images, targets, variables)
         else:
             batch = tf.shape(images)[0]
-            tf.debugging.assert_equal(
+            divisible = tf.debugging.assert_equal(
                 batch % n, 0, message=f"the per-replica batch must be divisible by batch_split={n}"
             )
+            with tf.control_dependencies([divisible]):
+                batch = tf.identity(batch)
             micro_images = tf.reshape(images, tf.concat([[n, batch // n], tf.shape(images)[1:]], 0))
             micro_targets = tf.reshape(targets, tf.concat([[n, batch // n], tf.shape(targets)[1:]], 0))
 
@@ -90,8 +95,11 @@ class Trainer(keras.Model):
         return loss, tape.gradient(scaled, variables), logits
 
     def _update_metrics(self, loss, targets, logits):
-        self.loss_tracker.update_state(loss, sample_weight=tf.shape(logits)[0])
-        self.accuracy.update_state(targets, logits)
+        # After the data: counts of static batch sizes would otherwise also run on the step that finds
+        # a finite dataset exhausted, and count a batch that never came.
+        with tf.control_dependencies([logits]):
+            self.loss_tracker.update_state(loss, sample_weight=tf.shape(logits)[0])
+            self.accuracy.update_state(targets, logits)
         logs = {m.name: m.result() for m in self.metrics}
         if is_multi_worker(tf.distribute.get_strategy()):
             # keras#20585: Keras averages multi-worker logs with reduce(MEAN, axis=0), which needs a batch axis.

@@ -1,0 +1,230 @@
+"""Fine-tuning in-process: the run folder, micro-batching, freezing, mixed precision, tfds, bad input.
+
+Strategies (Mirrored, MultiWorkerMirrored) and the SIGKILL resume run in subprocesses: test_finetune_processes.py.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bit_keras
+from bit_keras import data, finetune as finetune_lib
+from bit_keras.finetune import finetune
+from bit_keras.trainer import Trainer
+from tests.finetune_helpers import CLASSES, stripes_data, weights_of, write_image_folder
+
+pytestmark = pytest.mark.timeout(600)
+
+# A short run of the small random checkpoint on 8x8 stripes: 16px crops, batch 8, 6 steps.
+FAST = dict(resolution=16, batch=8, steps=6, eval_every=3, verbose=0)
+
+
+def test_run_folder(small_npz, tmp_path):
+    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", base_lr=0.5, **FAST)
+    run = tmp_path / "run"
+    assert result.run_dir == str(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == result.metrics
+    assert [e["step"] for e in metrics["evals"]] == [3, 6]
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["test_accuracy"] == metrics["evals"][-1]["test_accuracy"]
+    assert metrics["wall_s"] > 0 and metrics["images_per_s"] > 0
+    assert (metrics["dataset_size"], metrics["dataset_size_source"], metrics["num_test"]) == (24, "arrays", 12)
+    assert metrics["hyperrule"]["supports"] == [1, 2, 4, 5, 6] and metrics["hyperrule"]["crop"] == 16
+    assert metrics["hyperrule"]["lr"] == pytest.approx(0.5 * 8 / 512)
+    assert (run / "class_names.txt").read_text().split() == CLASSES
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(files for _, _, files in os.walk(run / "tensorboard"))
+    assert not (run / "checkpoint").exists()  # the training state goes once the model is saved
+    # The saved model is the trained one, and its test accuracy is the reported one.
+    loaded = keras.saving.load_model(run / "model.keras")
+    assert loaded.num_classes == 3
+    test_images = stripes_data().test.map(lambda x, y: x).batch(12).get_single_element()
+    images = tf.image.resize(tf.image.convert_image_dtype(test_images, tf.float32), (16, 16))
+    np.testing.assert_allclose(loaded(images), result.model(images), atol=1e-6)
+    labels = np.array([y for _, y in stripes_data().test.as_numpy_iterator()])
+    accuracy = np.mean(np.argmax(loaded(images), -1) == labels)
+    assert accuracy == pytest.approx(metrics["test_accuracy"])
+    # A finished run is not overwritten by accident.
+    with pytest.raises(ValueError, match="finished run.*--overwrite"):
+        finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
+    again = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", overwrite=True, **FAST)
+    assert again.metrics["evals"][0]["step"] == 3
+
+
+def test_learns_and_new_head_is_zero(small_npz, tmp_path):
+    """The pretrained head (10 classes) is replaced by a zero head of 3; the stripes are learnt."""
+    before = bit_keras.create_model(small_npz, num_classes=3)
+    assert not np.any(before.get_layer("head").kernel.numpy())
+    result = finetune(
+        data=stripes_data(n_train=16), model=small_npz, logdir=str(tmp_path), resolution=16, batch=16, steps=20,
+        eval_every=10, base_lr=0.5, verbose=0,
+    )
+    evals = result.metrics["evals"]
+    assert evals[-1]["train_loss"] < 0.5 * np.log(3)
+    assert result.metrics["test_accuracy"] >= 0.9
+
+
+def _trainer(model_path, split, lr=1e-3):
+    model = bit_keras.create_model(model_path, num_classes=3)
+    trainer = Trainer(model, batch_split=split)
+    trainer.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9))
+    trainer.build_optimizer()
+    return trainer
+
+
+def test_batch_split_equals_unsplit(small_npz):
+    d = stripes_data()
+    batches = data.train_batches(d.train, 17, 16, batch_size=8, seed=0, num_classes=3, mixup_alpha=0.2, steps=4)
+    finals = {}
+    for split in (1, 4):
+        trainer = _trainer(small_npz, split)
+        initial = weights_of(trainer.model)
+        history = trainer.fit(batches, epochs=1, verbose=0, shuffle=False).history
+        finals[split] = weights_of(trainer.model), history
+    (one, history_one), (four, history_four) = finals[1], finals[4]
+    assert history_one["loss"][0] == pytest.approx(history_four["loss"][0], rel=1e-5)
+    moved = 0
+    for path in one:
+        scale = np.abs(one[path]).max() + 1e-12
+        assert np.abs(one[path] - four[path]).max() <= 1e-5 * scale, path
+        delta = np.abs(one[path] - initial[path]).max()
+        if delta > 0:
+            moved += 1
+            tolerance = 1e-3 * delta + 4 * np.spacing(scale)  # the updates agree, not only the weights
+            assert np.abs(one[path] - four[path]).max() <= tolerance, path
+    assert moved > len(one) // 2
+
+
+def test_batch_split_must_divide(small_npz):
+    trainer = _trainer(small_npz, 3)
+    batch = (tf.zeros((8, 16, 16, 3)), tf.one_hot([0] * 8, 3))
+    with pytest.raises(ValueError, match="per-replica batch 8 is not divisible by batch_split=3"):
+        trainer.fit(tf.data.Dataset.from_tensors(batch), verbose=0)
+    spec = (tf.TensorSpec([None, 16, 16, 3]), tf.TensorSpec([None, 3]))
+    unknown_size = tf.data.Dataset.from_generator(lambda: [batch], output_signature=spec)
+    assert unknown_size.element_spec[0].shape[0] is None
+    with pytest.raises(tf.errors.InvalidArgumentError, match="divisible by batch_split=3"):
+        trainer.fit(unknown_size, verbose=0)
+    with pytest.raises(ValueError, match="must split evenly"):
+        finetune(data=stripes_data(), model="R26x0.5", batch=8, batch_split=3, logdir="unused", verbose=0)
+
+
+@pytest.mark.parametrize("trainable_from", ["block3", "head"])
+def test_freezing(small_npz, tmp_path, trainable_from):
+    before = weights_of(bit_keras.create_model(small_npz, num_classes=3))
+    kwargs = {"freeze_backbone": True} if trainable_from == "head" else {"trainable_from": trainable_from}
+    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), base_lr=1.0, **FAST, **kwargs)
+    after = weights_of(result.model)
+    order = [layer.name for layer in result.model.layers]
+    first_trained = next(i for i, name in enumerate(order) if name.startswith(trainable_from))
+    for layer in result.model.layers:
+        changed = [not np.array_equal(before[w.path], after[w.path]) for w in layer.weights]
+        if not changed:
+            continue
+        if order.index(layer.name) < first_trained:
+            assert not any(changed), f"{layer.name} is frozen but changed"
+        elif layer.name.startswith(("block", "head")):
+            assert any(changed), f"{layer.name} is trainable but did not change"
+        assert all(w.trainable == (order.index(layer.name) >= first_trained) for w in layer.weights)
+    assert result.metrics["trainable_from"] == trainable_from
+    assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
+
+
+def test_mixed_precision_bfloat16(small_npz, tmp_path):
+    result = finetune(
+        data=stripes_data(), model=small_npz, logdir=str(tmp_path), mixed_precision="bfloat16", **FAST
+    )
+    loaded = keras.saving.load_model(os.path.join(result.run_dir, "model.keras"))
+    assert loaded.get_layer("root_conv").dtype_policy.name == "mixed_bfloat16"
+    assert loaded.get_layer("head").kernel.dtype == "float32"
+    assert loaded(tf.zeros((1, 16, 16, 3))).dtype == "float32"
+    assert 0 <= result.metrics["test_accuracy"] <= 1
+
+
+def test_tfds_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        result = finetune(
+            "cifar10", model="R26x0.5", logdir=str(tmp_path), resolution=16, batch=4, steps=5, eval_every=5, verbose=0
+        )
+    metrics = result.metrics
+    assert metrics["data"] == "cifar10" and metrics["num_train"] == 12 and metrics["dataset_size_source"] == "counted"
+    assert metrics["num_test"] == 12 and metrics["hyperrule"]["resize"] == 17
+    assert len((tmp_path / "cifar10-R26x0.5" / "class_names.txt").read_text().split()) == 10
+
+
+def test_dataset_size_flag_and_log(tmp_path, capsys, small_npz):
+    """A given dataset size drives the HyperRule (MixUp from 20k examples on), and the log says so."""
+    result = finetune(
+        data=stripes_data(), model=small_npz, logdir=str(tmp_path), dataset_size=30_000, examples_per_class=4,
+        **{**FAST, "verbose": 1},
+    )
+    out = capsys.readouterr().out
+    assert "dataset_size=30,000 (given)" in out and "MixUp alpha 0.1" in out
+    assert "scaled by batch/512: 0.003 x 8/512" in out
+    assert "12 training examples (few-shot)" in out and result.metrics["num_train"] == 12
+    assert result.metrics["dataset_size_source"] == "flag" and result.metrics["hyperrule"]["mixup_alpha"] == 0.1
+
+
+# --- bad input: a clear error naming the item, and no run folder claiming success ------------------------------
+
+
+def test_unreadable_image(tmp_path):
+    folder = write_image_folder(tmp_path / "images")
+    bad = folder / "top" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match=f"{bad}: not a readable"):
+        finetune(image_folder=str(folder), model="R26x0.5", logdir=str(tmp_path / "runs"), **FAST)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_class_folder(tmp_path):
+    folder = write_image_folder(tmp_path / "images")
+    os.makedirs(folder / "zebra")
+    with pytest.raises(ValueError, match=f"class folder {folder / 'zebra'} contains no images"):
+        finetune(image_folder=str(folder), model="R26x0.5", logdir=str(tmp_path / "runs"), **FAST)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_tfds_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown tensorflow-datasets dataset 'no_such_dataset'"):
+        finetune("no_such_dataset", model="R26x0.5", logdir=str(tmp_path), **FAST)
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_of_another_class_count(small_npz, tmp_path, monkeypatch):
+    """A run that stopped after a checkpoint cannot be resumed with data of another class count."""
+
+    def crash(*args):
+        raise KeyboardInterrupt("stopped before finishing")
+
+    monkeypatch.setattr(finetune_lib.RunFolder, "finish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert (checkpoint / "state.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    with pytest.raises(ValueError, match=f"{checkpoint}: the checkpoint there was written for another run.*class_names"):
+        finetune(data=stripes_data(classes=4), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    # The same data resumes it: nothing is left to train, so it only finishes.
+    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
+    assert [e["step"] for e in result.metrics["evals"]] == [3, 6]
+
+
+def test_bad_choices():
+    with pytest.raises(ValueError, match="trainable_from must be one of"):
+        finetune(data=stripes_data(), model="R26x0.5", trainable_from="block9")
+    with pytest.raises(ValueError, match="contradicts trainable_from='block2'"):
+        finetune(data=stripes_data(), model="R26x0.5", freeze_backbone=True, trainable_from="block2")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        finetune(data=stripes_data(), model="R26x0.5", mixed_precision="int8")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        finetune(data=stripes_data(), model="R26x0.5", strategy="horovod")
+    with pytest.raises(FileNotFoundError, match="BiT-M-R50x1.npz does not exist"):
+        finetune(data=stripes_data(), model="BiT-M-R50x1", bit_pretrained_dir="/nonexistent", verbose=0)
