@@ -68,7 +68,7 @@ def _add_finetune(sub):
     # The official big_transfer flags.
     p.add_argument("--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: DATA-MODEL)")
     p.add_argument(
-        "--model", default=None, help="checkpoint name (BiT-M-R50x1), official .npz path/URL, or architecture (scratch)"
+        "--model", default=None, help="checkpoint name (default BiT-M-R50x1), official .npz path/URL, or architecture (from scratch)"
     )
     p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
     p.add_argument("--dataset", default=None, help="tensorflow-datasets name, e.g. cifar10 or oxford_iiit_pet")

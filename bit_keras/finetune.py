@@ -17,6 +17,7 @@ from bit_keras.trainer import Trainer
 
 # With no data given, `finetune` runs offline on scikit-learn's bundled digits with these settings.
 EMBEDDED = {"model": "R26x0.5", "batch": 64, "resolution": 32, "steps": 500, "base_lr": 0.1}
+DEFAULT_MODEL = "BiT-M-R50x1"  # for the user's own data
 TRAINABLE_FROM = ("block1", "block2", "block3", "block4", "head")
 MIXED_PRECISION = {None: None, "none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
@@ -68,7 +69,7 @@ def finetune(
     names configurable); `image_folder`, one subfolder per class; `data`, a `bit_keras.data.Data`;
     none of them: the embedded digits with the `EMBEDDED` settings for whatever is not given.
 
-    `model` is a checkpoint name (pretrained weights from `bit_pretrained_dir/NAME.npz` when given,
+    `model` (default BiT-M-R50x1) is a checkpoint name (pretrained weights from `bit_pretrained_dir/NAME.npz` when given,
     else downloaded), an official-layout `.npz` path or URL, or an architecture such as "R50x1"
     (random initialization: training from scratch). The head is always a new zero-initialized one.
 
@@ -76,6 +77,8 @@ def finetune(
     size (`dataset_size` overrides it) and scales `base_lr` (0.003 at batch 512) to `batch`;
     `resolution` (a crop size), `steps` and `mixup_alpha` override it. `batch` is the global batch,
     split over the strategy's replicas and, within each, into `batch_split` micro-batches.
+    `strategy` is a name for `bit_keras.strategy.make_strategy` (with `tpu`) or a `tf.distribute.Strategy`
+    (create a MultiWorkerMirroredStrategy before any TensorFlow op, e.g. before building `data`).
 
     The run lives in `logdir/name` (see `bit_keras.run`): evaluations and checkpoints every
     `eval_every` steps (default: a tenth of the run), and an interrupted run resumes exactly from
@@ -89,11 +92,12 @@ def finetune(
         resolution = resolution or EMBEDDED["resolution"]
         steps = steps or EMBEDDED["steps"]
         base_lr = base_lr or EMBEDDED["base_lr"]
-    if model is None:
-        raise ValueError("finetune needs a model: a checkpoint name such as BiT-M-R50x1, an .npz, or an architecture")
+    model = model or DEFAULT_MODEL
     batch = batch or hyperrule_lib.BATCH
     base_lr = base_lr or hyperrule_lib.BASE_LR
     _check_choices(trainable_from, freeze_backbone, mixed_precision, batch, batch_split)
+    if not isinstance(strategy, tf.distribute.Strategy):
+        strategy = make_strategy(strategy, tpu)  # first: multi-worker collectives must be set up before any op
 
     # Everything that can fail on the user's input fails here, before the run folder exists.
     if data is None:
@@ -116,7 +120,6 @@ def finetune(
     eval_every = eval_every or max(1, math.ceil(rule.steps / 10))
     name = name or f"{data.name}-{os.path.basename(str(model)).removesuffix('.npz')}"
     run_dir = os.path.join(logdir, name)
-    strategy = make_strategy(strategy, tpu)
     replicas = strategy.num_replicas_in_sync
     if batch % (replicas * batch_split):
         raise ValueError(

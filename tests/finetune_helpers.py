@@ -1,8 +1,6 @@
 """Small data and settings shared by the fine-tuning tests (in-process and in subprocess scripts)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 
@@ -42,12 +40,6 @@ def write_image_folder(root, n_per_class=8, size=8):
         os.makedirs(folder, exist_ok=True)
         tf.io.write_file(os.path.join(folder, f"{i:02d}.png"), tf.io.encode_png(image))
     return root
-
-
-def run_python(code, env=None, timeout=600):
-    """Run `code` in a fresh Python (the repository importable); returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def weights_of(model):
