@@ -213,6 +213,8 @@ def finetune(
         "dataset_size": size,
         "dataset_size_source": size_source,
         "replicas": replicas,
+        "batch_split": batch_split,
+        "xla": bool(xla),
         **{k: v for k, v in config.items() if k not in ("class_names", "hyperrule")},
         "hyperrule": config["hyperrule"],
     }

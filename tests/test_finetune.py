@@ -83,7 +83,7 @@ def test_batch_split_equals_unsplit(small_npz):
     for split in (1, 4):
         trainer = _trainer(small_npz, split)
         initial = weights_of(trainer.model)
-        history = trainer.fit(batches, epochs=1, verbose=0, shuffle=False).history
+        history = trainer.fit(batches, epochs=1, steps_per_epoch=4, verbose=0, shuffle=False).history
         finals[split] = weights_of(trainer.model), history
     (one, history_one), (four, history_four) = finals[1], finals[4]
     assert history_one["loss"][0] == pytest.approx(history_four["loss"][0], rel=1e-5)
@@ -103,12 +103,12 @@ def test_batch_split_must_divide(small_npz):
     trainer = _trainer(small_npz, 3)
     batch = (tf.zeros((8, 16, 16, 3)), tf.one_hot([0] * 8, 3))
     with pytest.raises(ValueError, match="per-replica batch 8 is not divisible by batch_split=3"):
-        trainer.fit(tf.data.Dataset.from_tensors(batch), verbose=0)
+        trainer.fit(tf.data.Dataset.from_tensors(batch), verbose=0, shuffle=False)
     spec = (tf.TensorSpec([None, 16, 16, 3]), tf.TensorSpec([None, 3]))
     unknown_size = tf.data.Dataset.from_generator(lambda: [batch], output_signature=spec)
     assert unknown_size.element_spec[0].shape[0] is None
     with pytest.raises(tf.errors.InvalidArgumentError, match="divisible by batch_split=3"):
-        trainer.fit(unknown_size, verbose=0)
+        trainer.fit(unknown_size, verbose=0, shuffle=False)
     with pytest.raises(ValueError, match="must split evenly"):
         finetune(data=stripes_data(), model="R26x0.5", batch=8, batch_split=3, logdir="unused", verbose=0)
 
@@ -134,15 +134,20 @@ def test_freezing(small_npz, tmp_path, trainable_from):
     assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
 
 
-def test_mixed_precision_bfloat16(small_npz, tmp_path):
-    result = finetune(
-        data=stripes_data(), model=small_npz, logdir=str(tmp_path), mixed_precision="bfloat16", **FAST
-    )
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision(small_npz, tmp_path, precision):
+    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), mixed_precision=precision, **FAST)
     loaded = keras.saving.load_model(os.path.join(result.run_dir, "model.keras"))
-    assert loaded.get_layer("root_conv").dtype_policy.name == "mixed_bfloat16"
+    assert loaded.get_layer("root_conv").dtype_policy.name == f"mixed_{precision}"
     assert loaded.get_layer("head").kernel.dtype == "float32"
     assert loaded(tf.zeros((1, 16, 16, 3))).dtype == "float32"
     assert 0 <= result.metrics["test_accuracy"] <= 1
+    assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
+
+
+def test_xla_single_device(small_npz, tmp_path):
+    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), xla=True, base_lr=0.5, **FAST)
+    assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
 
 
 def test_tfds_mock_data(tmp_path):
