@@ -100,6 +100,15 @@ def finetune(
         strategy = make_strategy(strategy, tpu)  # first: multi-worker collectives must be set up before any op
 
     # Everything that can fail on the user's input fails here, before the run folder exists.
+    _check_unused(
+        dataset,
+        model,
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        train_split=train_split != "train",
+        test_split=test_split != "test",
+        bit_pretrained_dir=bit_pretrained_dir,
+    )
     if data is None:
         if dataset is not None and image_folder is not None:
             raise ValueError("give either a tfds dataset or an image folder, not both")
@@ -234,6 +243,16 @@ def _check_choices(trainable_from, freeze_backbone, mixed_precision, batch, batc
         raise ValueError(f"mixed_precision must be one of {[k for k in MIXED_PRECISION if k]}, got {mixed_precision!r}")
     if batch < 1 or batch_split < 1:
         raise ValueError(f"batch and batch_split must be positive, got {batch} and {batch_split}")
+
+
+def _check_unused(dataset, model, **given):
+    """Refuse options that would be silently ignored with this data or model."""
+    unused = [f"{k} applies to a tfds dataset only" for k in ("data_dir", "manual_dir", "train_split", "test_split")]
+    unused = [msg for msg in unused if given[msg.split()[0]] and dataset is None]
+    if given["bit_pretrained_dir"] and str(model) not in zoo.CHECKPOINTS:
+        unused.append(f"bit_pretrained_dir applies to checkpoint names only, not {model!r}")
+    if unused:
+        raise ValueError("; ".join(unused))
 
 
 def _build_model(name, num_classes, bit_pretrained_dir, cache_dir, dtype):

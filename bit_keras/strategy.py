@@ -21,6 +21,8 @@ def make_strategy(name="auto", tpu=None):
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
+    if tpu and name not in ("auto", "tpu"):
+        raise ValueError(f"a TPU address is for the tpu strategy, not {name!r}")
     if name == "auto":
         if tpu:
             name = "tpu"

@@ -231,5 +231,11 @@ def test_bad_choices():
         finetune(data=stripes_data(), model="R26x0.5", mixed_precision="int8")
     with pytest.raises(ValueError, match="unknown strategy"):
         finetune(data=stripes_data(), model="R26x0.5", strategy="horovod")
+    with pytest.raises(ValueError, match="data_dir applies to a tfds dataset only; test_split applies"):
+        finetune(data=stripes_data(), model="R26x0.5", data_dir="/tmp", test_split="validation")
+    with pytest.raises(ValueError, match="bit_pretrained_dir applies to checkpoint names only, not 'R26x0.5'"):
+        finetune(data=stripes_data(), model="R26x0.5", bit_pretrained_dir="/tmp")
+    with pytest.raises(ValueError, match="TPU address is for the tpu strategy, not 'mirrored'"):
+        finetune(data=stripes_data(), model="R26x0.5", strategy="mirrored", tpu="local")
     with pytest.raises(FileNotFoundError, match="BiT-M-R50x1.npz does not exist"):
         finetune(data=stripes_data(), model="BiT-M-R50x1", bit_pretrained_dir="/nonexistent", verbose=0)
