@@ -33,6 +33,7 @@ class Data:
     size_source: str  # where num_train came from: "tfds metadata", "counted", "arrays" or "few-shot"
     image_size: tuple | None  # (height, width) shared by the images, for the HyperRule resolution; None if unknown
     name: str
+    files: tuple = ()  # the image files behind the splits, for image folders (to name one that fails to decode)
 
     @property
     def num_classes(self):
@@ -91,7 +92,8 @@ def from_image_folder(path, test_fraction=0.2, seed=0):
     (case-insensitive); other files are ignored. Every file's header is read at load time (cheap,
     no decoding): one that is not a valid JPEG/PNG/GIF/BMP header is a ValueError naming the file,
     and the image sizes give `image_size` when all training images share one. A file whose header is
-    valid but whose body is corrupt still fails later, in the pipeline, with TensorFlow's decode error.
+    valid but whose body is corrupt fails later, in the pipeline, with TensorFlow's decode error
+    (`undecodable(data.files)` then finds it).
     The training files are in a fixed random order (by `seed`); the test files in folder order.
     """
     if not os.path.isdir(path):
@@ -119,7 +121,8 @@ def from_image_folder(path, test_fraction=0.2, seed=0):
     train, image_size = _files_dataset(train_files, train_labels)
     test, _ = _files_dataset(test_files, test_labels)
     name = os.path.basename(os.path.normpath(path))
-    return Data(train, test, class_names, len(train_files), "counted", image_size, name)
+    files = tuple(train_files) + tuple(test_files)
+    return Data(train, test, class_names, len(train_files), "counted", image_size, name, files)
 
 
 def from_arrays(x_train, y_train, x_test, y_test, class_names=None, name="arrays"):
@@ -345,6 +348,17 @@ def _files_dataset(files, labels):
 
     slices = (tf.constant(files, tf.string), tf.constant(labels, tf.int64))
     return tf.data.Dataset.from_tensor_slices(slices).map(load, num_parallel_calls=AUTOTUNE), size
+
+
+def undecodable(files):
+    """The files among `files` that TensorFlow fails to decode as images (a parallel pass over all of them)."""
+    names = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string))
+    decoded = names.map(
+        lambda f: (f, tf.shape(tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False))),
+        num_parallel_calls=AUTOTUNE,
+    )
+    good = {f.decode() for f, _ in decoded.ignore_errors().as_numpy_iterator()}
+    return [f for f in files if f not in good]
 
 
 def _image_size(path):

@@ -196,16 +196,23 @@ def finetune(
     callback = RunCallback(run, rule.steps, batch, state)
     callbacks = [callback, keras.callbacks.TensorBoard(run.tensorboard_dir)]
     if start_step < rule.steps:
-        trainer.fit(
-            train,
-            epochs=math.ceil(rule.steps / eval_every),
-            initial_epoch=start_step // eval_every,
-            steps_per_epoch=eval_every,
-            validation_data=test,
-            shuffle=False,  # train_batches shuffles
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        try:
+            trainer.fit(
+                train,
+                epochs=math.ceil(rule.steps / eval_every),
+                initial_epoch=start_step // eval_every,
+                steps_per_epoch=eval_every,
+                validation_data=test,
+                shuffle=False,  # train_batches shuffles
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        except tf.errors.InvalidArgumentError as err:
+            bad = data_lib.undecodable(data.files) if data.files else []
+            if bad:
+                more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+                raise ValueError(f"{bad[0]}: the image does not decode{more}; fix or remove it, then rerun") from err
+            raise
     state = callback.state(rule.steps) if start_step < rule.steps else state
     final = state["evals"][-1]
     if final["step"] != rule.steps:

@@ -188,6 +188,17 @@ def test_unreadable_image(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_image_with_corrupt_body(tmp_path):
+    """A valid PNG header over a corrupt body passes the scan and fails in training: the error names the file."""
+    folder = write_image_folder(tmp_path / "images")
+    png = tf.io.encode_png(tf.zeros((8, 8, 3), tf.uint8)).numpy()
+    bad = folder / "middle" / "corrupt.png"
+    bad.write_bytes(png[:33] + b"\x00\x00\x00\x10IDAT" + b"not zlib data!!!" + b"\x00" * 4 + png[-12:])
+    with pytest.raises(ValueError, match=f"{bad}: the image does not decode"):
+        finetune(image_folder=str(folder), model="R26x0.5", logdir=str(tmp_path / "runs"), name="run", **FAST)
+    assert not (tmp_path / "runs" / "run" / "metrics.json").exists()
+
+
 def test_empty_class_folder(tmp_path):
     folder = write_image_folder(tmp_path / "images")
     os.makedirs(folder / "zebra")
