@@ -20,6 +20,7 @@ from bit_keras.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from bit_keras.download import DownloadError  # noqa: E402
 from bit_keras.layers import PreActBottleneck, StandardizedConv2D  # noqa: E402
 from bit_keras.model import BiT  # noqa: E402
+from bit_keras.saved_model_layer import SavedModelLayer  # noqa: E402
 from bit_keras.zoo import CHECKPOINTS, create_model, label_names, list_models, parameter_count  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "PreActBottleneck",
+    "SavedModelLayer",
     "StandardizedConv2D",
     "create_model",
     "label_names",

@@ -1,6 +1,7 @@
-"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`)."""
+"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `export`, `predict`)."""
 
 import argparse
+import json
 import os
 import sys
 
@@ -102,6 +103,34 @@ def _add_finetune(sub):
     p.set_defaults(func=_finetune)
 
 
+def _export(args):
+    from bit_keras import export as export_lib
+
+    source = export_lib.load_source(args.model, args.weights, args.run, args.labels, args.image_size, args.cache_dir)
+    kind = args.kind or ("classification" if source.model.num_classes else "feature_vector")
+    out = args.out or os.path.join("exports", source.name, kind)
+    if kind == "classification" and source.class_names is None:
+        raise ValueError(f"no class names for {source.name}: pass --labels FILE (one name per line)")
+    out = export_lib.export(
+        source.model, out, kind, source.class_names, source.image_size, top_k=args.top_k, overwrite=args.overwrite
+    )
+    print(f"wrote {out}: {kind} export of {source.name}")
+
+
+def _predict(args):
+    from bit_keras.predict import predict
+
+    results = predict(args.model, args.images, args.top_k, args.labels, args.image_size, args.cache_dir)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    width = max(len(p["label"]) for r in results for p in r["predictions"])
+    for result in results:
+        print(result["image"])
+        for rank, p in enumerate(result["predictions"], start=1):
+            print(f"  {rank}. {p['label']:<{width}}  {p['probability']:.4f}  (class {p['class']})")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="bit-keras", description="Big Transfer (BiT) for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +152,30 @@ def build_parser():
     convert.set_defaults(func=_convert)
 
     _add_finetune(sub)
+
+    export = sub.add_parser("export", help="write a TF-Hub-style SavedModel (feature vector or classifier)")
+    export.add_argument("--model", default=None, help="checkpoint name, architecture, .npz, or .keras file")
+    export.add_argument("--run", default=None, help="a bit-keras finetune run folder (instead of --model)")
+    export.add_argument("--weights", default=None, help="an .npz path or URL for --model (default: pretrained)")
+    export.add_argument("--kind", choices=("feature_vector", "classification"), default=None,
+                        help="default: classification when the model has a head")
+    export.add_argument("--out", default=None, help="output directory (default: exports/NAME/KIND)")
+    export.add_argument("--labels", default=None, help="class names file, one per line (classification)")
+    export.add_argument("--image_size", type=int, default=None, help="side the bytes signature resizes images to")
+    export.add_argument("--top_k", type=int, default=5, help="classes the bytes signature returns (default 5)")
+    export.add_argument("--cache_dir", default=None, help="download cache directory")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    export.set_defaults(func=_export)
+
+    predict = sub.add_parser("predict", help="top-k classes of image files")
+    predict.add_argument("--model", required=True, help="classification export directory, .keras file or checkpoint")
+    predict.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP)")
+    predict.add_argument("--top_k", type=int, default=5, help="classes per image (default 5)")
+    predict.add_argument("--labels", default=None, help="class names file for a .keras model without class_names.txt")
+    predict.add_argument("--image_size", type=int, default=None, help="resize side for a .keras model")
+    predict.add_argument("--cache_dir", default=None, help="download cache directory")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.set_defaults(func=_predict)
     return parser
 
 

@@ -102,6 +102,14 @@ class BiT(keras.Model):
             raise ValueError(f"unknown feature names {unknown}; choose from {FEATURE_NAMES}")
         return keras.Model(self.input, {n: self.pyramid_outputs[n] for n in names}, name=f"{self.name}_features")
 
+    def with_new_head(self, num_classes):
+        """A copy of this model with a new zero-initialized head of `num_classes` (0: pooled features)."""
+        model = BiT.from_config({**self.get_config(), "num_classes": num_classes})
+        for layer in self.layers:
+            if layer.name != "head" and layer.weights:
+                model.get_layer(layer.name).set_weights(layer.get_weights())
+        return model
+
     def get_config(self):
         return {
             "block_units": self.block_units,

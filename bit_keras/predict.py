@@ -1,0 +1,65 @@
+"""Top-k predictions for image files, with a classification export or a Keras classifier."""
+
+import os
+import re
+
+import tensorflow as tf
+
+from bit_keras import export as export_lib
+
+
+def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None):
+    """`[{"image": path, "predictions": [{"class", "label", "probability"}, ...]}, ...]`, best first.
+
+    `model` is a classification export directory (its `serving_bytes` signature does the decoding,
+    resizing and label lookup, and returns at most the top-k it was exported with), or what `bit_keras.export.load_source` accepts (a `.keras` file, a zoo
+    checkpoint name, ...), preprocessed the same way: decoded to RGB, resized to `image_size` without
+    keeping the aspect ratio. Unreadable image files are a ValueError naming the file.
+    """
+    encoded = [_read(path) for path in images]
+    if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
+        signatures = tf.saved_model.load(model).signatures
+        if "serving_bytes" not in signatures:
+            raise ValueError(f"{model} is not a classification export (no serving_bytes signature)")
+        out = signatures["serving_bytes"](image_bytes=tf.constant(encoded))
+        classes, names = out["classes"].numpy(), out["labels"].numpy()
+        probabilities = out["probabilities"].numpy()
+        names = [[n.decode() for n in row] for row in names]
+    else:
+        source = export_lib.load_source(model, labels=labels, image_size=image_size, cache_dir=cache_dir)
+        if not source.model.num_classes:
+            raise ValueError(f"{model} has no classification head")
+        if not source.image_size:
+            raise ValueError(f"the input size of {model} is unknown: pass image_size (--image_size)")
+        batch = tf.stack([_decode(data, source.image_size) for data in encoded])
+        top = tf.math.top_k(tf.nn.softmax(source.model(batch, training=False)), k=min(top_k, source.model.num_classes))
+        classes, probabilities = top.indices.numpy(), top.values.numpy()
+        class_names = source.class_names or [f"class {i}" for i in range(source.model.num_classes)]
+        names = [[class_names[c] for c in row] for row in classes]
+    return [
+        {
+            "image": str(path),
+            "predictions": [
+                {"class": int(c), "label": n, "probability": float(p)}
+                for c, n, p in list(zip(classes[i], names[i], probabilities[i]))[:top_k]
+            ],
+        }
+        for i, path in enumerate(images)
+    ]
+
+
+def _read(path):
+    """The file's bytes, checked to decode as an image."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as err:
+        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", err.message.splitlines()[0])  # TF's op decorations
+        raise ValueError(f"{path}: not a readable image ({reason})") from None
+    return data
+
+
+def _decode(data, size):
+    image = tf.image.convert_image_dtype(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+    return tf.image.resize(image, (size, size))

@@ -1,0 +1,307 @@
+"""TF-Hub-style exports: hub.KerasLayer (tf_keras), hub.load and saved_model_cli in fresh processes that do not
+import bit_keras; the Keras 3 SavedModelLayer; mixed precision and strategy-scope exports; bad input; the CLI."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bit_keras
+from bit_keras.export import export, load_source
+from tests.test_cli import BIT_KERAS, TF_NOISE, _env
+
+pytestmark = pytest.mark.timeout(600)
+
+CLASS_NAMES = [f"class_{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def exported(small_npz, tmp_path_factory):
+    """The small random checkpoint exported both ways, and its outputs on fixed images."""
+    root = tmp_path_factory.mktemp("exports")
+    model = bit_keras.create_model(small_npz)
+    images = np.random.default_rng(0).uniform(size=(3, 40, 48, 3)).astype(np.float32)
+    features = model.feature_extractor(["pre_logits"])(images)["pre_logits"].numpy()
+    np.savez(root / "expected.npz", images=images, features=features, logits=model(images).numpy())
+    png = tf.io.encode_png(tf.image.convert_image_dtype(images[0], tf.uint8, saturate=True)).numpy()
+    (root / "image.png").write_bytes(png)
+    export(model, root / "fv", "feature_vector")
+    export(model, root / "cls", "classification", CLASS_NAMES, image_size=32, top_k=3)
+    return root, model
+
+
+def _fresh(code, timeout=300):
+    """Run `code` in a fresh Python that must not import bit_keras; returns stdout."""
+    check = "\nimport sys\nassert not any(m.startswith('bit_keras') for m in sys.modules), 'bit_keras was imported'\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code + check], capture_output=True, text=True, timeout=timeout, env=_env("/nonexistent")
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+HUB_KERAS_LAYER = """
+import numpy as np, tensorflow as tf, tf_keras, tensorflow_hub as hub
+root = {root!r}
+expected = np.load(root + "/expected.npz")
+x = expected["images"]
+layer = hub.KerasLayer(root + "/fv", trainable=True)
+features = layer(x).numpy()
+assert np.abs(features - expected["features"]).max() <= 1e-5 * np.abs(expected["features"]).max(), "outputs differ"
+images = np.random.default_rng(1).uniform(size=(24, 32, 32, 3)).astype("float32")
+labels = np.arange(24) % 3
+model = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), layer, tf_keras.layers.Dense(3)])
+before = [v.numpy().copy() for v in layer.trainable_variables]
+model.compile(tf_keras.optimizers.SGD(0.01, momentum=0.9), tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+losses = model.fit(images, labels, epochs=4, batch_size=8, verbose=0).history["loss"]
+assert losses[-1] < losses[0], losses
+assert len(before) > 50 and all(not np.array_equal(b, v.numpy()) for b, v in zip(before, layer.trainable_variables))
+
+frozen = hub.KerasLayer(root + "/fv", trainable=False)
+model = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), frozen, tf_keras.layers.Dense(3)])
+model.compile(tf_keras.optimizers.SGD(0.01), tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+values = [v.numpy().copy() for v in frozen.variables]
+model.fit(images, labels, epochs=1, batch_size=8, verbose=0)
+assert frozen.trainable_weights == [] and len(model.trainable_weights) == 2
+assert all(np.array_equal(b, v.numpy()) for b, v in zip(values, frozen.variables))
+
+# Re-heading a classification export: its backbone with a new zero head of 4 classes.
+backbone = hub.KerasLayer(hub.load(root + "/cls").feature_vector, trainable=True)
+reheaded = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), backbone, tf_keras.layers.Dense(4, kernel_initializer="zeros")])
+assert reheaded(images[:2]).shape == (2, 4)
+print("OK")
+"""
+
+
+def test_hub_keras_layer_tf_keras(exported):
+    root, _ = exported
+    assert _fresh(HUB_KERAS_LAYER.format(root=str(root))).strip().endswith("OK")
+
+
+HUB_LOAD = """
+import numpy as np, tensorflow as tf, tensorflow_hub as hub
+root = {root!r}
+expected = np.load(root + "/expected.npz")
+x, scale = expected["images"], np.abs(expected["logits"]).max()
+fv, cls = hub.load(root + "/fv"), hub.load(root + "/cls")
+assert np.abs(fv(x) - expected["features"]).max() <= 1e-5 * np.abs(expected["features"]).max()
+assert np.abs(cls(x) - expected["logits"]).max() <= 1e-5 * scale
+assert np.abs(cls(x, training=True) - expected["logits"]).max() <= 1e-5 * scale  # no dropout/BN: the same
+assert len(fv.variables) == len(fv.trainable_variables) > 50 and list(fv.regularization_losses) == []
+out = cls.signatures["serving_default"](images=tf.constant(x))
+assert sorted(out) == ["logits", "probabilities"] and np.allclose(out["probabilities"].numpy().sum(-1), 1)
+assert sorted(fv.signatures["serving_default"](images=tf.constant(x))) == ["feature_vector"]
+png = open(root + "/image.png", "rb").read()
+top = cls.signatures["serving_bytes"](image_bytes=tf.constant([png, png]))
+assert top["classes"].shape == (2, 3) and top["labels"].numpy()[0, 0].decode() == "class_%d" % top["classes"][0, 0]
+
+def error(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the message is what is tested
+        return f"{{type(e).__name__}}: {{e}}"
+    raise AssertionError("no error")
+
+print("FLOAT64", error(lambda: cls(x.astype("float64"))).replace("\\n", " "))
+print("UINT8", error(lambda: cls((x * 255).astype("uint8"))).replace("\\n", " "))
+print("RANK", error(lambda: cls(x[0])).replace("\\n", " "))
+print("CHANNELS", error(lambda: cls(x[..., :1])).replace("\\n", " "))
+print("CORRUPT", error(lambda: cls.signatures["serving_bytes"](image_bytes=tf.constant([b"not an image"]))).replace("\\n", " "))
+"""
+
+
+def test_hub_load_signatures_and_bad_input(exported):
+    root, _ = exported
+    out = _fresh(HUB_LOAD.format(root=str(root)))
+    errors = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0].isupper())
+    for key in ("FLOAT64", "UINT8", "RANK", "CHANNELS"):  # the message shows what was given and what is expected
+        assert "Could not find matching concrete function" in errors[key], errors[key][:300]
+        assert "dtype=tf.float32" in errors[key] and "shape=(None, None, None, 3)" in errors[key]
+    assert "dtype=float64" in errors["FLOAT64"] and "dtype=uint8" in errors["UINT8"]
+    assert "Unknown image file format" in errors["CORRUPT"]
+
+
+def test_saved_model_cli_run(exported, tmp_path):
+    root, _ = exported
+    expected = np.load(root / "expected.npz")
+    np.save(tmp_path / "images.npy", expected["images"])
+    np.save(tmp_path / "bytes.npy", np.array([(root / "image.png").read_bytes()]))  # fixed-width bytes, no pickle
+    runs = {
+        "default": ["--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}"],
+        "bytes": ["--signature_def", "serving_bytes", "--inputs", f"image_bytes={tmp_path / 'bytes.npy'}"],
+    }
+    outputs = {}
+    for name, args in runs.items():
+        cmd = ["saved_model_cli", "run", "--dir", str(root / "cls"), "--tag_set", "serve", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env("/nonexistent"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = proc.stdout
+    assert "Result for output key logits" in outputs["default"] and "Result for output key probabilities" in outputs["default"]
+    first = re.search(r"Result for output key logits:\n\[\[([^\]]+)\]", outputs["default"]).group(1)
+    np.testing.assert_allclose(np.array(first.split(), float), expected["logits"][0], rtol=1e-4, atol=1e-4)
+    assert "Result for output key labels" in outputs["bytes"] and "b'class_" in outputs["bytes"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_keras3_layer_trains_and_round_trips(exported, tmp_path, optimizer):
+    root, _ = exported
+    layer = bit_keras.SavedModelLayer(str(root / "fv"))
+    model = keras.Sequential([keras.Input((32, 32, 3)), layer, keras.layers.Dense(3)])
+    before = {w.path: w.numpy().copy() for w in layer.weights}
+    assert all(":" not in w.name and "/" not in w.name for w in layer.weights)
+    opt = keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd_momentum" else keras.optimizers.Adam(1e-3)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    images = np.random.default_rng(1).uniform(size=(16, 32, 32, 3)).astype(np.float32)
+    model.fit(images, np.arange(16) % 3, epochs=2, batch_size=8, verbose=0)
+    changed = [not np.array_equal(before[w.path], w.numpy()) for w in layer.weights]
+    assert len(changed) > 50 and all(changed)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded(images), model(images))  # the trained weights, not the export's
+
+
+def test_keras3_layer_freezing_training_flag_member_and_errors(exported, tmp_path):
+    root, model = exported
+    frozen = bit_keras.SavedModelLayer(str(root / "fv"), trainable=False)
+    assert frozen.trainable_weights == [] and len(frozen.non_trainable_weights) > 50
+    backbone = bit_keras.SavedModelLayer(str(root / "cls"), member="feature_vector")
+    x = np.load(root / "expected.npz")["images"]
+    np.testing.assert_allclose(backbone(x, training=True), np.load(root / "expected.npz")["features"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="has no member 'head'"):
+        bit_keras.SavedModelLayer(str(root / "cls"), member="head")
+    plain = tf.Module()
+    plain.v = tf.Variable(1.0)
+    tf.saved_model.save(plain, str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="is not a Reusable SavedModel"):
+        bit_keras.SavedModelLayer(str(tmp_path / "plain"))
+
+
+def test_keras3_layer_in_mirrored_scope(exported):
+    root, _ = exported
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        layer = bit_keras.SavedModelLayer(str(root / "fv"))
+        model = keras.Sequential([keras.Input((32, 32, 3)), layer, keras.layers.Dense(3)])
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = layer.weights[0].numpy().copy()
+    images = np.random.default_rng(4).uniform(size=(8, 32, 32, 3)).astype(np.float32)
+    model.fit(images, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
+    assert not np.array_equal(before, layer.weights[0].numpy())
+
+
+def test_mixed_precision_and_strategy_scope_exports(small_npz, tmp_path):
+    x = np.random.default_rng(2).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    bf16 = bit_keras.create_model(small_npz, dtype="mixed_bfloat16")
+    export(bf16, tmp_path / "bf16", "classification", CLASS_NAMES, image_size=32)
+    loaded = tf.saved_model.load(str(tmp_path / "bf16"))
+    assert loaded(x).dtype == tf.float32 and loaded.feature_vector(x).dtype == tf.float32
+    # The same graph as the model traced by tf.function (eager bfloat16 rounds differently, at bfloat16's ~1e-2).
+    reference = tf.function(lambda images: bf16(images, training=False))(x).numpy()
+    assert np.abs(loaded(x).numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        mirrored = bit_keras.create_model(small_npz)
+        export(mirrored, tmp_path / "mirrored", "feature_vector")
+    features = tf.saved_model.load(str(tmp_path / "mirrored"))(x)
+    assert features.dtype == tf.float32
+    reference = mirrored.feature_extractor(["pre_logits"])(x)["pre_logits"].numpy()
+    assert np.abs(features.numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
+
+
+def test_export_is_atomic_and_refuses_to_overwrite(small_npz, tmp_path, monkeypatch):
+    model = bit_keras.create_model(small_npz)
+    target = tmp_path / "exports" / "fv"
+    export(model, target)
+    with pytest.raises(FileExistsError, match="exists"):
+        export(model, target)
+    stamp = (target / "saved_model.pb").stat().st_mtime_ns
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.saved_model, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(model, target, overwrite=True)
+    assert (target / "saved_model.pb").stat().st_mtime_ns == stamp  # the old export is untouched
+    assert sorted(os.listdir(tmp_path / "exports")) == ["fv"]  # and no temporary directory is left
+    monkeypatch.undo()
+    export(model, target, overwrite=True)
+    with pytest.raises(ValueError, match="needs 10 class names, got 3"):
+        export(model, tmp_path / "x", "classification", ["a", "b", "c"], image_size=32)
+    with pytest.raises(ValueError, match="needs a model with a head"):
+        export(model.with_new_head(0), tmp_path / "x", "classification", [], image_size=32)
+
+
+def test_with_new_head(small_npz):
+    model = bit_keras.create_model(small_npz)
+    reheaded = model.with_new_head(4)
+    assert reheaded.num_classes == 4 and not np.any(reheaded.get_layer("head").kernel.numpy())
+    x = np.random.default_rng(3).uniform(size=(1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(
+        reheaded.feature_extractor(["pre_logits"])(x)["pre_logits"], model.feature_extractor(["pre_logits"])(x)["pre_logits"]
+    )
+
+
+def test_load_source_of_a_run(small_npz, tmp_path):
+    from tests.finetune_helpers import stripes_data
+
+    from bit_keras.finetune import finetune
+
+    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", resolution=16, batch=8,
+                      steps=5, verbose=0)
+    source = load_source(run=result.run_dir)
+    assert (source.name, source.class_names, source.image_size) == ("run", ["top", "middle", "bottom"], 16)
+    with pytest.raises(ValueError, match="exactly one of"):
+        load_source(model=small_npz, run=result.run_dir)
+    with pytest.raises(FileNotFoundError, match="not a finished fine-tuning run"):
+        load_source(run=str(tmp_path))
+
+
+def _cli(args, cwd):
+    proc = subprocess.run([*BIT_KERAS, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd / "cache"))
+    return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if not TF_NOISE.match(line)]
+
+
+def test_cli_export_and_predict(small_npz, tmp_path):
+    from tests.finetune_helpers import stripes, write_image_folder
+
+    from bit_keras.finetune import finetune
+
+    folder = write_image_folder(tmp_path / "images", n_per_class=4, size=16)
+    finetune(image_folder=str(folder), model=small_npz, logdir=str(tmp_path / "runs"), name="stripes", resolution=16,
+             batch=8, steps=20, base_lr=0.5, verbose=0)
+    rc, out, err = _cli(["export", "--run", str(tmp_path / "runs" / "stripes")], tmp_path)
+    assert rc == 0, err
+    target = tmp_path / "exports" / "stripes" / "classification"
+    assert out.strip() == f"wrote {target}: classification export of stripes"
+    assert (target / "assets" / "labels.txt").read_text().split() == ["bottom", "middle", "top"]
+    rc, _, err = _cli(["export", "--run", str(tmp_path / "runs" / "stripes")], tmp_path)
+    assert rc == 1 and "exists (pass overwrite=True, or --overwrite" in err[0]
+
+    x, y = stripes(1, size=16, seed=5)
+    for i, image in enumerate(x):
+        tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(image))
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    images = [str(tmp_path / f"{i}.png") for i in range(len(x))]
+    rc, out, err = _cli(["predict", "--model", str(target), *images, "--json", "--top_k", "2"], tmp_path)
+    assert rc == 0, err
+    from_export = json.loads(out)
+    assert [r["image"] for r in from_export] == images and all(len(r["predictions"]) == 2 for r in from_export)
+    rc, out, err = _cli(["predict", "--model", str(tmp_path / "runs" / "stripes" / "model.keras"), *images, "--json",
+                         "--top_k", "2"], tmp_path)
+    assert rc == 0, err
+    from_keras = json.loads(out)
+    for a, b in zip(from_export, from_keras):
+        assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+        assert a["predictions"][0]["probability"] == pytest.approx(b["predictions"][0]["probability"], abs=1e-4)
+    rc, out, err = _cli(["predict", "--model", str(target), images[0]], tmp_path)
+    assert rc == 0 and out.splitlines()[0] == images[0] and out.splitlines()[1].strip().startswith("1. ")
+    rc, _, err = _cli(["predict", "--model", str(target), str(tmp_path / "broken.png")], tmp_path)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"bit-keras predict: {tmp_path / 'broken.png'}: not a readable image (Unknown image file")
+    assert err[0].endswith("required.)")
