@@ -305,3 +305,32 @@ def test_cli_export_and_predict(small_npz, tmp_path):
     assert rc == 1 and len(err) == 1, err
     assert err[0].startswith(f"bit-keras predict: {tmp_path / 'broken.png'}: not a readable image (Unknown image file")
     assert err[0].endswith("required.)")
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _example(name, *args, cwd):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_examples(exported, tmp_path):
+    root, _ = exported
+    out = _example("finetune_hub_keras_layer_tf_keras.py", root / "fv", "--epochs", 1, "--train_examples", 64, cwd=tmp_path)
+    assert re.search(r"test accuracy [01]\.\d{4}", out)
+    out = _example(
+        "finetune_saved_model_layer_keras3.py", root / "cls", "--member", "feature_vector", "--epochs", 1,
+        "--train_examples", 64, "--out", tmp_path / "m.keras", cwd=tmp_path,
+    )
+    assert re.search(r"test accuracy [01]\.\d{4}; saved", out) and (tmp_path / "m.keras").exists()
+    out = _example("serving_rest_request.py", root / "cls", root / "image.png", root / "image.png", cwd=tmp_path)
+    body = json.loads((tmp_path / "request.json").read_text())
+    assert body["signature_name"] == "serving_bytes" and len(body["instances"]) == 2
+    assert set(body["instances"][0]["image_bytes"]) == {"b64"}
+    response = json.loads(out)
+    assert len(response["predictions"]) == 2 and response["predictions"][0]["labels"][0].startswith("class_")
