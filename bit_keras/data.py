@@ -285,6 +285,13 @@ def eval_batches(dataset, crop, batch_size, num_classes=None):
     return dataset.map(prepare, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
 
 
+def decode_and_resize(encoded, size):
+    """An encoded JPEG/PNG/GIF/BMP image as float32 RGB in [0, 1], resized to (size, size) without keeping
+    the aspect ratio: BiT's evaluation preprocessing, for encoded bytes (serving, `bit-keras predict`)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (size, size))
+
+
 def _small(dataset):
     """Whether the dataset's size is known and its images have a static shape taking at most `CACHE_BYTES`."""
     size, spec = int(dataset.cardinality()), dataset.element_spec[0]

@@ -26,6 +26,8 @@ import shutil
 import keras
 import tensorflow as tf
 
+from bit_keras.data import decode_and_resize
+
 KINDS = ("feature_vector", "classification")
 IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 LABELS_ASSET = "labels.txt"
@@ -120,14 +122,13 @@ def _serving_default(net, kind):
 
 
 def _serving_bytes(net, labels, image_size, k):
-    def decode(data):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        image = tf.image.convert_image_dtype(image, tf.float32)
-        return tf.image.resize(image, (image_size, image_size))
-
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
-        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([image_size, image_size, 3]))
+        images = tf.map_fn(
+            lambda data: decode_and_resize(data, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3]),
+        )
         probabilities = tf.nn.softmax(net(images, training=False))
         top = tf.math.top_k(probabilities, k=k)
         classes = tf.cast(top.indices, tf.int64)

@@ -6,6 +6,7 @@ import re
 import tensorflow as tf
 
 from bit_keras import export as export_lib
+from bit_keras.data import decode_and_resize
 
 
 def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None):
@@ -18,6 +19,8 @@ def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None
     """
     encoded = [_read(path) for path in images]
     if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
+        if labels or image_size:
+            raise ValueError(f"{model} is an export: it has its own labels and image size (leave --labels/--image_size out)")
         signatures = tf.saved_model.load(model).signatures
         if "serving_bytes" not in signatures:
             raise ValueError(f"{model} is not a classification export (no serving_bytes signature)")
@@ -31,7 +34,7 @@ def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None
             raise ValueError(f"{model} has no classification head")
         if not source.image_size:
             raise ValueError(f"the input size of {model} is unknown: pass image_size (--image_size)")
-        batch = tf.stack([_decode(data, source.image_size) for data in encoded])
+        batch = tf.stack([decode_and_resize(data, source.image_size) for data in encoded])
         top = tf.math.top_k(tf.nn.softmax(source.model(batch, training=False)), k=min(top_k, source.model.num_classes))
         classes, probabilities = top.indices.numpy(), top.values.numpy()
         class_names = source.class_names or [f"class {i}" for i in range(source.model.num_classes)]
@@ -58,8 +61,3 @@ def _read(path):
         reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", err.message.splitlines()[0])  # TF's op decorations
         raise ValueError(f"{path}: not a readable image ({reason})") from None
     return data
-
-
-def _decode(data, size):
-    image = tf.image.convert_image_dtype(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
-    return tf.image.resize(image, (size, size))

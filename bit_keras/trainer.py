@@ -5,27 +5,52 @@ import tensorflow as tf
 
 from bit_keras.strategy import is_multi_worker
 
+LOSSES = ("softmax", "sigmoid")
+
+
+def loss_for_labels(label_spec):
+    """"softmax" for single-label examples (an integer class id), "sigmoid" for multi-label ones (a multi-hot
+    vector per example, as ImageNet-21k's), from the `tf.TensorSpec` of one unbatched label."""
+    shape = label_spec.shape
+    if shape.rank == 0 and label_spec.dtype.is_integer:
+        return "softmax"
+    if shape.rank == 1:
+        return "sigmoid"
+    raise ValueError(f"labels must be class ids (scalars) or multi-hot vectors, got {label_spec}")
+
 
 class Trainer(keras.Model):
-    """Trains `model` (images -> logits) with softmax cross-entropy on one-hot or soft (MixUp) targets.
+    """Trains `model` (images -> logits) with softmax cross-entropy on one-hot or soft (MixUp) targets, or
+    sigmoid cross-entropy on multi-hot targets (`loss="sigmoid"`), plus optional L2 `weight_decay`.
 
     `batch_split=N` cuts each replica's batch into N micro-batches whose gradients are summed before
     one optimizer update: the same update as the whole batch (up to float summation order), in 1/N
     of the activation memory. (Keras' `gradient_accumulation_steps` cannot do this under
-    MirroredStrategy: it merges inside a cond.) Metrics: `loss` (cross-entropy plus the model's
-    regularization losses) and top-1 `accuracy` against the targets' argmax.
+    MirroredStrategy: it merges inside a cond.) Metrics: `loss` (cross-entropy, weight decay and the
+    model's regularization losses) and top-1 `accuracy` against the targets' argmax, or
+    `precision_at_1` for sigmoid.
 
     Compile it with only an optimizer; create it, and compile it, inside the strategy's scope.
     """
 
-    def __init__(self, model, batch_split=1, **kwargs):
+    def __init__(self, model, batch_split=1, loss="softmax", weight_decay=0.0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(batch_split, int) or batch_split < 1:
             raise ValueError(f"batch_split must be a positive integer, got {batch_split!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.model = model
         self.batch_split = batch_split
+        self.loss_name = loss
+        self.weight_decay = weight_decay
+        # L2 weight decay on the trainable kernels (convolutions and head), not on GroupNorm's gamma/beta
+        # or biases: weight_decay * sum(||w||^2) / 2 joins the loss, as in the TPU ResNet code BiT builds on.
+        self.decayed = [w for w in model.trainable_weights if w.name == "kernel"] if weight_decay else []
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+        # softmax: top-1 against the targets' argmax; sigmoid (multi-label): whether the top-1 class is a positive.
+        self.accuracy = keras.metrics.CategoricalAccuracy(name="accuracy") if loss == "softmax" else keras.metrics.Mean(
+            name="precision_at_1"
+        )
         self.built = True  # nothing of its own to build: `model` is
 
     @property
@@ -80,9 +105,19 @@ class Trainer(keras.Model):
         return self._update_metrics(self._loss(targets, logits), targets, logits)
 
     def _loss(self, targets, logits):
-        """The mean cross-entropy of this (micro-)batch plus the model's regularization losses."""
-        cross_entropy = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
-        return tf.reduce_mean(cross_entropy) + tf.add_n([tf.constant(0.0)] + [tf.cast(x, tf.float32) for x in self.losses])
+        """The mean cross-entropy of this (micro-)batch plus weight decay and the model's regularization losses.
+
+        softmax: categorical cross-entropy on one-hot or soft targets; sigmoid: binary cross-entropy summed
+        over the classes of multi-hot targets (multi-label data such as ImageNet-21k), averaged over examples.
+        """
+        if self.loss_name == "softmax":
+            per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+        else:
+            per_example = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits), axis=-1)
+        extra = [tf.cast(x, tf.float32) for x in self.losses]
+        if self.decayed:
+            extra.append(self.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in self.decayed]))
+        return tf.reduce_mean(per_example) + tf.add_n([tf.constant(0.0)] + extra)
 
     def _loss_and_gradients(self, images, targets, variables):
         """The loss of one of `batch_split` micro-batches as a share of the step's loss, its gradients and logits."""
@@ -99,7 +134,11 @@ class Trainer(keras.Model):
         # a finite dataset exhausted, and count a batch that never came.
         with tf.control_dependencies([logits]):
             self.loss_tracker.update_state(loss, sample_weight=tf.shape(logits)[0])
-            self.accuracy.update_state(targets, logits)
+            if self.loss_name == "softmax":
+                self.accuracy.update_state(targets, logits)
+            else:
+                top1 = tf.gather(targets, tf.argmax(logits, axis=-1), batch_dims=1)
+                self.accuracy.update_state(tf.cast(top1 > 0, tf.float32))
         logs = {m.name: m.result() for m in self.metrics}
         if is_multi_worker(tf.distribute.get_strategy()):
             # keras#20585: Keras averages multi-worker logs with reduce(MEAN, axis=0), which needs a batch axis.

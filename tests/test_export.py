@@ -301,6 +301,8 @@ def test_cli_export_and_predict(small_npz, tmp_path):
         assert a["predictions"][0]["probability"] == pytest.approx(b["predictions"][0]["probability"], abs=1e-4)
     rc, out, err = _cli(["predict", "--model", str(target), images[0]], tmp_path)
     assert rc == 0 and out.splitlines()[0] == images[0] and out.splitlines()[1].strip().startswith("1. ")
+    rc, _, err = _cli(["predict", "--model", str(target), images[0], "--image_size", "64"], tmp_path)
+    assert rc == 1 and "is an export: it has its own labels and image size" in err[0]
     rc, _, err = _cli(["predict", "--model", str(target), str(tmp_path / "broken.png")], tmp_path)
     assert rc == 1 and len(err) == 1, err
     assert err[0].startswith(f"bit-keras predict: {tmp_path / 'broken.png'}: not a readable image (Unknown image file")
