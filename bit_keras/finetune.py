@@ -11,7 +11,8 @@ import tensorflow as tf
 from bit_keras import data as data_lib
 from bit_keras import hyperrule as hyperrule_lib
 from bit_keras import zoo
-from bit_keras.run import RunCallback, RunFolder
+from bit_keras import run as run_lib
+from bit_keras.run import RunFolder
 from bit_keras.strategy import is_chief, make_strategy
 from bit_keras.trainer import Trainer
 
@@ -148,11 +149,7 @@ def finetune(
         "mixed_precision": MIXED_PRECISION[mixed_precision],
     }
     run = RunFolder(run_dir, chief=is_chief(strategy))
-    if overwrite and run.chief and os.path.isdir(run_dir):
-        _clear(run_dir)
-    if run.finished():
-        raise ValueError(f"{run_dir} holds a finished run ({run.metrics_path}); choose another --name or pass --overwrite")
-    run.check_config(config)
+    run.prepare(config, overwrite)
 
     keras.utils.set_random_seed(seed)  # the initialization of layers trained from scratch
     with strategy.scope():
@@ -166,7 +163,6 @@ def finetune(
         trainer.build_optimizer()
     run.start(config)
     state = run.restore(trainer)
-    start_step = state["step"] if state else 0
 
     log(f"data: {data.name}, {data.num_classes} classes, {data.num_train:,} training examples ({data.size_source})")
     if size_source == "flag":
@@ -180,43 +176,23 @@ def finetune(
         f"{batch_split} x {batch // replicas // batch_split}; run folder {run_dir}"
     )
     if state:
-        log(f"resuming from step {start_step} ({os.path.join(run.checkpoint_dir, state['weights'])})")
+        log(f"resuming from step {state['step']} ({os.path.join(run.checkpoint_dir, state['weights'])})")
 
-    train = data_lib.train_batches(
-        data.train,
-        rule.resize,
-        rule.crop,
-        batch,
-        seed=seed,
-        start_step=start_step,
-        num_classes=data.num_classes,
-        mixup_alpha=rule.mixup_alpha,
-    )
+    def batches(start_step):
+        return data_lib.train_batches(
+            data.train,
+            rule.resize,
+            rule.crop,
+            batch,
+            seed=seed,
+            start_step=start_step,
+            num_classes=data.num_classes,
+            mixup_alpha=rule.mixup_alpha,
+        )
+
     test = data_lib.eval_batches(data.test, rule.crop, batch, num_classes=data.num_classes)
-    callback = RunCallback(run, rule.steps, batch, state)
-    callbacks = [callback, keras.callbacks.TensorBoard(run.tensorboard_dir)]
-    if start_step < rule.steps:
-        try:
-            trainer.fit(
-                train,
-                epochs=math.ceil(rule.steps / eval_every),
-                initial_epoch=start_step // eval_every,
-                steps_per_epoch=eval_every,
-                validation_data=test,
-                shuffle=False,  # train_batches shuffles
-                callbacks=callbacks,
-                verbose=verbose,
-            )
-        except tf.errors.InvalidArgumentError as err:
-            bad = data_lib.undecodable(data.files) if data.files else []
-            if bad:
-                more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
-                raise ValueError(f"{bad[0]}: the image does not decode{more}; fix or remove it, then rerun") from err
-            raise
-    state = callback.state(rule.steps) if start_step < rule.steps else state
+    state = run_lib.fit(run, trainer, batches, test, rule.steps, eval_every, batch, state, verbose, data.files)
     final = state["evals"][-1]
-    if final["step"] != rule.steps:
-        raise RuntimeError(f"training stopped at step {final['step']} of {rule.steps}")
     metrics = {
         "name": name,
         "test_accuracy": final["test_accuracy"],
@@ -291,15 +267,3 @@ def _freeze(model, trainable_from):
             layer.trainable = False
             frozen += 1
     return frozen
-
-
-def _clear(run_dir):
-    """Remove a previous run's files (only the ones runs write) before starting afresh."""
-    import shutil
-
-    for entry in ("run.json", "checkpoint", "tensorboard", "model.keras", "class_names.txt", "curves.png", "metrics.json"):
-        path = os.path.join(run_dir, entry)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)

@@ -14,12 +14,14 @@ half-written file, and only a finished run has `metrics.json`.
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 
 import keras
+import tensorflow as tf
 
 CONFIG, STATE, METRICS = "run.json", "state.json", "metrics.json"
 
@@ -40,6 +42,22 @@ class RunFolder:
 
     def finished(self):
         return os.path.exists(self.metrics_path)
+
+    def prepare(self, config, overwrite=False):
+        """Before anything is written: clear it on `overwrite`, refuse a finished run, refuse resuming a
+        checkpoint of another configuration."""
+        if overwrite and self.chief:
+            for entry in (CONFIG, "checkpoint", "tensorboard", "model.keras", "class_names.txt", "curves.png", METRICS):
+                path = os.path.join(self.path, entry)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        if self.finished():
+            raise ValueError(
+                f"{self.path} holds a finished run ({self.metrics_path}); choose another --name or pass --overwrite"
+            )
+        self.check_config(config)
 
     def state(self):
         """The saved training state (`step`, `weights`, `evals`, `history`, `wall_s`), or None."""
@@ -165,6 +183,41 @@ class RunCallback(keras.callbacks.Callback):
 
     def _step(self):
         return int(self.model.optimizer.iterations.numpy())
+
+
+def fit(run, trainer, batches, test, total_steps, eval_every, batch, state=None, verbose=1, files=()):
+    """Train `trainer` to `total_steps` on `batches(start_step)`, evaluating on `test` and checkpointing into
+    `run` every `eval_every` steps; resumes from `state` (`RunFolder.restore`). Returns the final state.
+
+    A decode error met in training is turned into a ValueError naming the undecodable ones of `files`.
+    """
+    from bit_keras.data import undecodable
+
+    start_step = state["step"] if state else 0
+    if start_step >= total_steps:
+        return state
+    callback = RunCallback(run, total_steps, batch, state)
+    try:
+        trainer.fit(
+            batches(start_step),
+            epochs=math.ceil(total_steps / eval_every),
+            initial_epoch=start_step // eval_every,
+            steps_per_epoch=eval_every,
+            validation_data=test,
+            shuffle=False,  # the batches come shuffled
+            callbacks=[callback, keras.callbacks.TensorBoard(run.tensorboard_dir)],
+            verbose=verbose,
+        )
+    except tf.errors.InvalidArgumentError as err:
+        bad = undecodable(files) if files else []
+        if bad:
+            more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+            raise ValueError(f"{bad[0]}: the image does not decode{more}; fix or remove it, then rerun") from err
+        raise
+    state = callback.state(total_steps)
+    if state["evals"][-1]["step"] != total_steps:
+        raise RuntimeError(f"training stopped at step {state['evals'][-1]['step']} of {total_steps}")
+    return state
 
 
 def plot_curves(metrics, path):
