@@ -1,4 +1,4 @@
-"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `export`, `predict`)."""
+"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `pretrain`, `export`, `predict`)."""
 
 import argparse
 import json
@@ -103,6 +103,50 @@ def _add_finetune(sub):
     p.set_defaults(func=_finetune)
 
 
+def _pretrain(args):
+    from bit_keras.pretrain import pretrain
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
+    pretrain(**options, verbose=0 if args.quiet else 1)
+
+
+def _add_pretrain(sub):
+    from bit_keras import upstream
+    from bit_keras.strategy import STRATEGIES
+
+    p = sub.add_parser("pretrain", help="pretrain a BiT architecture from scratch with the paper's upstream recipe")
+    p.add_argument("--dataset", default=None, help="tensorflow-datasets name")
+    p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
+    p.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1 or R26x0.5 (default R50x1)")
+    p.add_argument("--name", default=None, help="run name: the run folder is LOGDIR/NAME")
+    p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
+    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
+    p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
+    p.add_argument("--train_split", default="train", help="tfds training split")
+    p.add_argument("--test_split", default="test", help="tfds held-out split")
+    p.add_argument("--preset", choices=sorted(upstream.PRESETS), default="bit-m", help="epochs and decays")
+    p.add_argument("--batch", type=int, default=upstream.BATCH, help="global batch (default 4096)")
+    p.add_argument("--batch_split", type=int, default=1, help="micro-batches per replica batch")
+    p.add_argument("--base_lr", type=float, default=upstream.BASE_LR, help="lr per 256 examples (default 0.03)")
+    p.add_argument("--epochs", type=int, default=None, help="replace the preset's epochs")
+    p.add_argument("--decay_epochs", type=int, nargs="+", default=None, help="replace the preset's decay epochs")
+    p.add_argument("--warmup_steps", type=int, default=None, help="default: 5000 steps of batch 4096, rescaled")
+    p.add_argument("--weight_decay", type=float, default=upstream.WEIGHT_DECAY, help="L2 on kernels (default 1e-4)")
+    p.add_argument("--resolution", type=int, default=224, help="training crop and evaluation size (default 224)")
+    p.add_argument("--eval_every", type=int, default=None, help="evaluate and checkpoint every N steps (default: epoch)")
+    p.add_argument("--normalization", choices=("group", "batch"), default="group", help="group (BiT) or batch")
+    p.add_argument("--no_weight_standardization", dest="weight_standardization", action="store_false",
+                   help="plain convolutions (the paper's ablation)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)")
+    p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
+    p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
+    p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and augmentation")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_pretrain)
+
+
 def _export(args):
     from bit_keras import export as export_lib
 
@@ -152,6 +196,7 @@ def build_parser():
     convert.set_defaults(func=_convert)
 
     _add_finetune(sub)
+    _add_pretrain(sub)
 
     export = sub.add_parser("export", help="write a TF-Hub-style SavedModel (feature vector or classifier)")
     export.add_argument("--model", default=None, help="checkpoint name, architecture, .npz, or .keras file")

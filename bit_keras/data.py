@@ -40,6 +40,17 @@ class Data:
         return len(self.class_names)
 
 
+def load(dataset=None, image_folder=None, data_dir=None, manual_dir=None, train_split="train", test_split="test"):
+    """A tfds dataset by name, or an image folder, or (neither given) the embedded digits."""
+    if dataset is not None and image_folder is not None:
+        raise ValueError("give either a tfds dataset or an image folder, not both")
+    if dataset is not None:
+        return from_tfds(dataset, train_split, test_split, data_dir=data_dir, manual_dir=manual_dir)
+    if image_folder is not None:
+        return from_image_folder(image_folder)
+    return embedded_digits()
+
+
 def from_tfds(name, train_split="train", test_split="test", data_dir=None, manual_dir=None):
     """A TensorFlow Datasets dataset with `(image, label)` supervised keys, prepared on first use.
 
@@ -200,6 +211,7 @@ def train_batches(
     mixup_alpha=0.0,
     cache=None,
     shuffle_buffer=None,
+    inception_crop=False,
 ):
     """BiT training batches: `(float32 [batch_size, crop, crop, 3] in [0, 1], labels)`.
 
@@ -207,6 +219,8 @@ def train_batches(
     (crop, crop) and flipped left-right with probability 1/2; labels are int64, or one-hot float32
     when `num_classes` is given. `mixup_alpha > 0` (needs `num_classes`) mixes each batch with its
     reverse, one lambda ~ Beta(alpha, alpha) per batch, into soft targets. Batches drop the remainder.
+    `inception_crop=True` (upstream pretraining) instead crops a random box of 8-100% of the area and
+    aspect ratio 3/4-4/3 and resizes it to (crop, crop); `resize` is then unused.
 
     The stream is a pure function of `seed` and the position in it: pass p over the data is shuffled
     with a seed derived from (seed, p), example i of the stream is augmented with one from (seed, i)
@@ -220,7 +234,7 @@ def train_batches(
     cached dataset whole, otherwise with `SHUFFLE_BUFFER` decoded images (kept small for memory: the
     sources come pre-shuffled, tfds by its generation and image folders by their seed).
     """
-    if crop > resize:
+    if crop > resize and not inception_crop:
         raise ValueError(f"crop {crop} is larger than resize {resize}")
     if mixup_alpha and not num_classes:
         raise ValueError("MixUp needs num_classes (it mixes one-hot labels into soft targets)")
@@ -251,8 +265,21 @@ def train_batches(
     def augment(example, i):
         image, label = example
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(_stream_seed(seed, _EXAMPLE, i), 2))
-        image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (resize, resize))
-        image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=crop_seed)
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if inception_crop:
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(image),
+                tf.zeros([1, 0, 4]),
+                seed=crop_seed,
+                min_object_covered=0.0,
+                aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0),
+                use_image_if_no_bounding_boxes=True,
+            )
+            image = tf.image.resize(tf.slice(image, begin, size), (crop, crop))
+        else:
+            image = tf.image.resize(image, (resize, resize))
+            image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=crop_seed)
         return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), _target(label, num_classes)
 
     batches = tf.data.Dataset.zip((stream, positions)).map(augment, num_parallel_calls=AUTOTUNE)
@@ -275,11 +302,21 @@ def _stream_seed(seed, stream, position):
     return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
 
 
-def eval_batches(dataset, crop, batch_size, num_classes=None):
-    """BiT evaluation batches: images resized to (crop, crop) as float32 in [0, 1]; the last batch may be smaller."""
+def eval_batches(dataset, crop, batch_size, num_classes=None, center_crop=False):
+    """BiT evaluation batches: images resized to (crop, crop) as float32 in [0, 1]; the last batch may be smaller.
+
+    `center_crop=True` (upstream) resizes the shorter side to crop / 0.875 and takes the central (crop, crop).
+    """
 
     def prepare(image, label):
-        image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (crop, crop))
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if center_crop:
+            shape = tf.cast(tf.shape(image)[:2], tf.float32)
+            scale = (crop / 0.875) / tf.reduce_min(shape)
+            image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
+            image = tf.image.resize_with_crop_or_pad(image, crop, crop)
+        else:
+            image = tf.image.resize(image, (crop, crop))
         return image, _target(label, num_classes)
 
     return dataset.map(prepare, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
@@ -301,6 +338,9 @@ def _small(dataset):
 
 
 def _target(label, num_classes):
+    """Class ids as int64, or one-hot float32 with `num_classes`; multi-hot label vectors as float32."""
+    if label.shape.rank == 1:
+        return tf.cast(label, tf.float32)
     label = tf.cast(label, tf.int64)
     return tf.one_hot(label, num_classes, dtype=tf.float32) if num_classes else label
 

@@ -12,7 +12,7 @@ from bit_keras import data as data_lib
 from bit_keras import hyperrule as hyperrule_lib
 from bit_keras import zoo
 from bit_keras import run as run_lib
-from bit_keras.run import RunFolder
+from bit_keras.run import RunFolder, RunResult
 from bit_keras.strategy import is_chief, make_strategy
 from bit_keras.trainer import Trainer
 
@@ -21,13 +21,6 @@ EMBEDDED = {"model": "R26x0.5", "batch": 64, "resolution": 32, "steps": 500, "ba
 DEFAULT_MODEL = "BiT-M-R50x1"  # for the user's own data
 TRAINABLE_FROM = ("block1", "block2", "block3", "block4", "head")
 MIXED_PRECISION = {None: None, "none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-@dataclasses.dataclass
-class FinetuneResult:
-    model: keras.Model  # the fine-tuned classifier (images in [0, 1] -> logits)
-    metrics: dict  # as written to metrics.json
-    run_dir: str
 
 
 def finetune(
@@ -64,7 +57,7 @@ def finetune(
     overwrite=False,
     verbose=1,
 ):
-    """Fine-tune a BiT model with the BiT-HyperRule; returns a `FinetuneResult`.
+    """Fine-tune a BiT model with the BiT-HyperRule; returns a `bit_keras.run.RunResult`.
 
     Data (one of): `dataset`, a tensorflow-datasets name (`data_dir`, `manual_dir` and the split
     names configurable); `image_folder`, one subfolder per class; `data`, a `bit_keras.data.Data`;
@@ -111,14 +104,7 @@ def finetune(
         bit_pretrained_dir=bit_pretrained_dir,
     )
     if data is None:
-        if dataset is not None and image_folder is not None:
-            raise ValueError("give either a tfds dataset or an image folder, not both")
-        if dataset is not None:
-            data = data_lib.from_tfds(dataset, train_split, test_split, data_dir=data_dir, manual_dir=manual_dir)
-        elif image_folder is not None:
-            data = data_lib.from_image_folder(image_folder)
-        else:
-            data = data_lib.embedded_digits()
+        data = data_lib.load(dataset, image_folder, data_dir, manual_dir, train_split, test_split)
     if examples_per_class:
         data = data_lib.few_shot(data, examples_per_class, seed=examples_per_class_seed)
     size, size_source = (dataset_size, "flag") if dataset_size else (data.num_train, data.size_source)
@@ -214,7 +200,7 @@ def finetune(
     if run.chief:
         run.finish(classifier, data.class_names, metrics)
     log(f"test accuracy {metrics['test_accuracy']:.4f} after {rule.steps} steps; run folder {run_dir}")
-    return FinetuneResult(classifier, metrics, run_dir)
+    return RunResult(classifier, metrics, run_dir)
 
 
 def _check_choices(trainable_from, freeze_backbone, mixed_precision, batch, batch_split):

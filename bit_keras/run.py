@@ -13,6 +13,7 @@ Every file is written to a temporary name and renamed into place, so a killed ru
 half-written file, and only a finished run has `metrics.json`.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,15 @@ import keras
 import tensorflow as tf
 
 CONFIG, STATE, METRICS = "run.json", "state.json", "metrics.json"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run returns."""
+
+    model: keras.Model  # the trained model (images in [0, 1] -> logits)
+    metrics: dict  # as written to metrics.json
+    run_dir: str
 
 
 class RunFolder:
@@ -129,7 +139,7 @@ class RunCallback(keras.callbacks.Callback):
     """Evaluates (through `fit`'s validation data), checkpoints and stops a run of `total_steps`.
 
     At every epoch end (every `eval_every` steps) it appends `{step, test_accuracy, test_loss,
-    train_loss, train_accuracy, learning_rate}` to `evals`, adds `learning_rate` to the logs (list it
+    train_loss, train_accuracy, learning_rate}` to `evals` (accuracies are precision@1 for multi-label data), adds `learning_rate` to the logs (list it
     before TensorBoard), and saves the checkpoint. Training throughput is timed without evaluation.
     """
 
@@ -167,8 +177,9 @@ class RunCallback(keras.callbacks.Callback):
         self.trained_images += (step - self._epoch_first_step) * self.batch_size
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["learning_rate"] = learning_rate
-        entry = {"step": step, "test_accuracy": float(logs["val_accuracy"]), "test_loss": float(logs["val_loss"])}
-        entry.update(train_loss=float(logs["loss"]), train_accuracy=float(logs["accuracy"]), learning_rate=learning_rate)
+        metric = self.model.accuracy.name  # "accuracy", or "precision_at_1" for multi-label data
+        entry = {"step": step, "test_accuracy": float(logs[f"val_{metric}"]), "test_loss": float(logs["val_loss"])}
+        entry.update(train_loss=float(logs["loss"]), train_accuracy=float(logs[metric]), learning_rate=learning_rate)
         self.evals.append(entry)
         self.run.save(self.model, self.state(step))
 

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import pytest
 
+import bit_keras  # noqa: F401  (registers BiT for keras.saving.load_model)
+
 from tests.finetune_helpers import ROOT, write_image_folder
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env
 
@@ -130,18 +132,17 @@ def test_multi_worker_two_processes(small_npz, tmp_path):
     assert json.loads((tmp_path / "runs" / "run" / "metrics.json").read_text())["replicas"] == 2
 
 
-def _cli(args, cwd, cache):
+def _cli(args, cwd, cache, command="finetune"):
     return subprocess.Popen(
-        [*BIT_KERAS, "finetune", *args], cwd=cwd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*BIT_KERAS, command, *args], cwd=cwd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def test_resume_after_sigkill_is_exact(small_npz, tmp_path):
-    folder = str(write_image_folder(tmp_path / "images", n_per_class=10, size=64))
-    common = ["--image_folder", folder, "--model", small_npz, "--logdir", str(tmp_path / "runs"), "--batch", "8"]
-    common += ["--steps", "60", "--eval_every", "10", "--resolution", "64", "--mixup_alpha", "0.2", "--quiet"]
-    whole = _cli([*common, "--name", "whole"], tmp_path, tmp_path / "cache")
-    killed = _cli([*common, "--name", "killed"], tmp_path, tmp_path / "cache")
+def resume_after_sigkill(tmp_path, command, args, steps, eval_every):
+    """Run `bit-keras COMMAND ARGS` whole and, in parallel, SIGKILLed after its first checkpoint and restarted;
+    both must end with identical weights and evaluations."""
+    whole = _cli([*args, "--name", "whole"], tmp_path, tmp_path / "cache", command)
+    killed = _cli([*args, "--name", "killed"], tmp_path, tmp_path / "cache", command)
     state = tmp_path / "runs" / "killed" / "checkpoint" / "state.json"
     deadline = time.time() + 300
     while not state.exists() and killed.poll() is None and time.time() < deadline:
@@ -150,10 +151,10 @@ def test_resume_after_sigkill_is_exact(small_npz, tmp_path):
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     saved = json.loads(state.read_text())
-    assert 10 <= saved["step"] < 60, "the run finished before it could be killed"
+    assert eval_every <= saved["step"] < steps, "the run finished before it could be killed"
     assert not (tmp_path / "runs" / "killed" / "metrics.json").exists()
 
-    resumed = _cli([*common, "--name", "killed"], tmp_path, tmp_path / "cache")
+    resumed = _cli([*args, "--name", "killed"], tmp_path, tmp_path / "cache", command)
     for proc in (whole, resumed):
         _, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
@@ -162,9 +163,16 @@ def test_resume_after_sigkill_is_exact(small_npz, tmp_path):
     for wa, wb in zip(a.weights, b.weights):
         np.testing.assert_array_equal(wa.numpy(), wb.numpy(), err_msg=wa.path)
     evals = [json.loads((tmp_path / "runs" / n / "metrics.json").read_text())["evals"] for n in ("whole", "killed")]
-    assert [e["step"] for e in evals[1]] == list(range(10, 61, 10))  # the evaluations before the kill are kept
+    assert [e["step"] for e in evals[1]] == list(range(eval_every, steps + 1, eval_every))  # earlier evals kept
     for x, y in zip(*evals):
         assert (x["test_accuracy"], x["train_loss"]) == (y["test_accuracy"], y["train_loss"])
+
+
+def test_resume_after_sigkill_is_exact(small_npz, tmp_path):
+    folder = str(write_image_folder(tmp_path / "images", n_per_class=10, size=64))
+    args = ["--image_folder", folder, "--model", small_npz, "--logdir", str(tmp_path / "runs"), "--batch", "8"]
+    args += ["--steps", "60", "--eval_every", "10", "--resolution", "64", "--mixup_alpha", "0.2", "--quiet"]
+    resume_after_sigkill(tmp_path, "finetune", args, steps=60, eval_every=10)
 
 
 def test_cli_bad_input(tmp_path):

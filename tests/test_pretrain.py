@@ -1,0 +1,68 @@
+"""Upstream pretraining: a short real run, its official-layout checkpoint, multi-label data, preprocessing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bit_keras
+from bit_keras import data
+from bit_keras.pretrain import pretrain
+from tests.finetune_helpers import stripes_data
+
+pytestmark = pytest.mark.timeout(600)
+
+SHORT = dict(model="R26x0.5", resolution=16, batch=8, epochs=4, decay_epochs=(3,), warmup_steps=2, verbose=0)
+
+
+def test_pretrain_run_and_checkpoint(tmp_path):
+    result = pretrain(data=stripes_data(n_train=16), logdir=str(tmp_path), base_lr=0.1, **SHORT)
+    metrics = json.loads((tmp_path / "stripes-R26x0.5-bit-m" / "metrics.json").read_text())
+    assert metrics == result.metrics and metrics["metric"] == "accuracy" and metrics["loss"] == "softmax"
+    assert metrics["recipe"]["steps_per_epoch"] == 6 and [e["step"] for e in metrics["evals"]] == [6, 12, 18, 24]
+    assert metrics["recipe"]["lr"] == pytest.approx(0.1 * 8 / 256) and metrics["recipe"]["weight_decay"] == 1e-4
+    assert metrics["evals"][-1]["learning_rate"] == pytest.approx(metrics["recipe"]["lr"] / 10)
+    assert metrics["evals"][-1]["train_loss"] < metrics["evals"][0]["train_loss"]
+    # The official-layout checkpoint loads through create_model like a zoo file.
+    loaded = bit_keras.create_model(os.path.join(result.run_dir, "checkpoint.npz"))
+    x = np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), result.model(x), atol=1e-5)
+
+
+def test_multi_label_data_trains_with_sigmoid(tmp_path):
+    d = stripes_data(n_train=8)
+    multi_hot = lambda x, y: (x, tf.one_hot(y, 3) + tf.one_hot((y + 1) % 3, 3))  # noqa: E731  two positives each
+    d = data.Data(d.train.map(multi_hot), d.test.map(multi_hot), d.class_names, d.num_train, "arrays", (8, 8), "pairs")
+    result = pretrain(data=d, logdir=str(tmp_path), **SHORT)
+    assert result.metrics["loss"] == "sigmoid" and result.metrics["metric"] == "precision_at_1"
+    assert 0 <= result.metrics["test_accuracy"] <= 1
+
+
+def test_batchnorm_ablation_model(tmp_path):
+    result = pretrain(
+        data=stripes_data(), logdir=str(tmp_path), normalization="batch", weight_standardization=False, **SHORT
+    )
+    assert result.model.normalization == "batch" and not result.model.weight_standardization
+    assert "pre_head_norm" in [layer.name for layer in result.model.layers]
+
+
+def test_upstream_preprocessing():
+    image = np.random.default_rng(1).integers(0, 255, size=(40, 60, 3)).astype(np.uint8)
+    ds = tf.data.Dataset.from_tensors((image, np.int64(0)))
+    batches = data.train_batches(ds, 24, 24, batch_size=16, seed=0, inception_crop=True, steps=2)
+    x = np.concatenate([b.numpy() for b, _ in batches])
+    assert x.shape == (32, 24, 24, 3) and 0 <= x.min() and x.max() <= 1
+    assert len({round(float(v), 4) for v in x.mean(axis=(1, 2, 3))}) > 16  # boxes of varying area and place
+    (center, _), = data.eval_batches(ds, 24, batch_size=1, center_crop=True)
+    # Shorter side 40 -> 24 / 0.875 = 27.43 -> 27, longer 60 -> 41; the central 24x24 of that.
+    resized = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (27, 41))
+    np.testing.assert_allclose(center[0], resized[1:25, 8:32], atol=1e-6)
+
+
+def test_pretrain_needs_data_and_a_known_preset(tmp_path):
+    with pytest.raises(ValueError, match="pretrain needs data"):
+        pretrain(logdir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown preset 'bit-z'"):
+        pretrain(data=stripes_data(), logdir=str(tmp_path), preset="bit-z")

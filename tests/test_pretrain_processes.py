@@ -1,0 +1,54 @@
+"""Upstream pretraining across processes: 2-worker MultiWorkerMirroredStrategy on 127.0.0.1, exact resume after SIGKILL."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.finetune_helpers import write_image_folder
+from tests.test_finetune_processes import _finish, _free_ports, _start, _weights, resume_after_sigkill
+
+pytestmark = pytest.mark.timeout(600)
+
+RUN = """
+import json
+import numpy as np
+from bit_keras.pretrain import pretrain
+from bit_keras.strategy import make_strategy
+from tests.finetune_helpers import stripes_data, weights_of
+strategy = make_strategy("auto")  # MultiWorkerMirroredStrategy from TF_CONFIG, before any TensorFlow op
+result = pretrain(
+    data=stripes_data(), model="R26x0.5", logdir={logdir!r}, name="run", strategy=strategy, resolution=16, batch=8,
+    epochs=2, decay_epochs=(1,), warmup_steps=1, base_lr=0.1, verbose=0,
+)
+np.savez({out!r}, **weights_of(result.model))
+print("METRICS", json.dumps(result.metrics))
+"""
+
+
+def test_multi_worker_pretraining_two_processes(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        code = RUN.format(logdir=str(tmp_path / "runs"), out=str(tmp_path / f"w{index}.npz"))
+        procs.append(_start(code, env={"TF_CONFIG": tf_config}))
+    try:
+        metrics = [_finish(proc) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [m["replicas"] for m in metrics] == [2, 2] and metrics[0]["steps"] == 6
+    chief, worker = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
+    for path in chief:
+        np.testing.assert_array_equal(chief[path], worker[path], err_msg=path)
+    assert (tmp_path / "runs" / "run" / "checkpoint.npz").exists()
+
+
+def test_pretrain_resume_after_sigkill_is_exact(tmp_path):
+    folder = str(write_image_folder(tmp_path / "images", n_per_class=16, size=48))
+    args = ["--image_folder", folder, "--model", "R26x0.5", "--logdir", str(tmp_path / "runs"), "--batch", "8"]
+    args += ["--epochs", "8", "--decay_epochs", "6", "--warmup_steps", "5", "--resolution", "48", "--base_lr", "0.1"]
+    args += ["--eval_every", "8", "--quiet"]
+    resume_after_sigkill(tmp_path, "pretrain", args, steps=32, eval_every=8)  # 39 training images: 4 steps an epoch
