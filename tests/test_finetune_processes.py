@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-import bit_keras  # noqa: F401  (registers BiT for keras.saving.load_model)
+import bit_keras
 
 from tests.finetune_helpers import ROOT, write_image_folder
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env
@@ -91,8 +91,6 @@ def test_mirrored_two_logical_cpus_equals_one_device(small_npz, tmp_path):
 
 def _save_initial(npz, tmp_path):
     """The model fine-tuning starts from (the checkpoint with a new zero head), as a .keras file."""
-    import bit_keras
-
     path = tmp_path / "initial.keras"
     bit_keras.create_model(npz, num_classes=3).save(path)
     return path
