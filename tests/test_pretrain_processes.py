@@ -52,3 +52,23 @@ def test_pretrain_resume_after_sigkill_is_exact(tmp_path):
     args += ["--epochs", "8", "--decay_epochs", "6", "--warmup_steps", "5", "--resolution", "48", "--base_lr", "0.1"]
     args += ["--eval_every", "8", "--quiet"]
     resume_after_sigkill(tmp_path, "pretrain", args, steps=32, eval_every=8)  # 39 training images: 4 steps an epoch
+
+
+@pytest.mark.slow
+def test_normalization_ablation_example(tmp_path):
+    """The ablation script end to end (one epoch each: the full default run takes ~9 min), plot included."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.finetune_helpers import ROOT
+
+    script = os.path.join(ROOT, "examples", "normalization_ablation.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--epochs", "1", "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.png")],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "test accuracy" in line]
+    assert [line.split()[0] for line in lines] == ["GroupNorm", "BatchNorm"]
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
