@@ -7,6 +7,7 @@
       model.keras         the final model          \
       class_names.txt     one class name per line   } written at the end;
       curves.png          learning curves          /
+      checkpoint.npz      pretraining runs: the weights in the official layout (at the end)
       metrics.json        written last: its presence means the run finished (the checkpoint is then deleted)
 
 Every file is written to a temporary name and renamed into place, so a killed run never leaves a
@@ -57,7 +58,8 @@ class RunFolder:
         """Before anything is written: clear it on `overwrite`, refuse a finished run, refuse resuming a
         checkpoint of another configuration."""
         if overwrite and self.chief:
-            for entry in (CONFIG, "checkpoint", "tensorboard", "model.keras", "class_names.txt", "curves.png", METRICS):
+            files = ("model.keras", "class_names.txt", "curves.png", "checkpoint.npz", METRICS)
+            for entry in (CONFIG, "checkpoint", "tensorboard", *files):
                 path = os.path.join(self.path, entry)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
