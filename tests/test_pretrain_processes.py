@@ -72,3 +72,21 @@ def test_normalization_ablation_example(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if "test accuracy" in line]
     assert [line.split()[0] for line in lines] == ["GroupNorm", "BatchNorm"]
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_few_shot_table_example(small_npz, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.finetune_helpers import ROOT
+
+    script = os.path.join(ROOT, "examples", "few_shot_table.py")
+    args = ["--pretrained", small_npz, "--shots", "1", "2", "--seeds", "0", "--steps", "10", "--out", str(tmp_path / "t.md")]
+    proc = subprocess.run([sys.executable, script, *args, "--logdir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert table[0] == "| examples per class | R26x0.5-random.npz fine-tuned | R26x0.5 from scratch |"
+    assert [row.split("|")[1].strip() for row in table[2:4]] == ["1", "2"] and "±" in table[2]
