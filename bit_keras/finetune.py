@@ -142,11 +142,7 @@ def finetune(
         classifier = _build_model(model, data.num_classes, bit_pretrained_dir, cache_dir, config["mixed_precision"])
         frozen = _freeze(classifier, config["trainable_from"])
         trainer = Trainer(classifier, batch_split=batch_split, name="trainer")
-        optimizer = keras.optimizers.SGD(rule.learning_rate_schedule(), momentum=rule.momentum)
-        if config["mixed_precision"] == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        trainer.compile(optimizer=optimizer, jit_compile=xla)
-        trainer.build_optimizer()
+        trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=xla)
     run.start(config)
     state = run.restore(trainer)
 

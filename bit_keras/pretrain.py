@@ -110,11 +110,7 @@ def pretrain(
             name=model.lower().replace(".", "_"),
         )
         trainer = Trainer(network, batch_split=batch_split, loss=loss, weight_decay=rule.weight_decay, name="trainer")
-        optimizer = keras.optimizers.SGD(rule.learning_rate_schedule(), momentum=rule.momentum)
-        if config["mixed_precision"] == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        trainer.compile(optimizer=optimizer, jit_compile=xla)
-        trainer.build_optimizer()
+        trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=xla)
     run.start(config)
     state = run.restore(trainer)
     log(f"data: {data.name}, {data.num_classes} classes, {data.num_train:,} training examples, {loss} cross-entropy")

@@ -30,7 +30,7 @@ class Trainer(keras.Model):
     model's regularization losses) and top-1 `accuracy` against the targets' argmax, or
     `precision_at_1` for sigmoid.
 
-    Compile it with only an optimizer; create it, and compile it, inside the strategy's scope.
+    Create and compile it (`compile_sgd`, or `compile` with only an optimizer) inside the strategy's scope.
     """
 
     def __init__(self, model, batch_split=1, loss="softmax", weight_decay=0.0, **kwargs):
@@ -148,9 +148,14 @@ class Trainer(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # keras#20585: Keras builds from a first batch by reducing it across replicas eagerly, which
         # MultiWorkerMirroredStrategy cannot do. Nothing needs building here: the model is functional,
-        # there is no compiled loss or metric, and `build_optimizer` creates the optimizer's state.
+        # there is no compiled loss or metric, and `compile_sgd` creates the optimizer's state.
         pass
 
-    def build_optimizer(self):
-        """Create the optimizer's variables for the trainable weights (before `fit` or loading a checkpoint)."""
+    def compile_sgd(self, schedule, momentum, jit_compile=False):
+        """Compile with SGD + momentum on `schedule` (loss-scaled when the model computes in float16) and
+        create the optimizer's variables, so that a checkpoint can be loaded before `fit`."""
+        optimizer = keras.optimizers.SGD(schedule, momentum=momentum)
+        if any(layer.dtype_policy.name == "mixed_float16" for layer in self.model.layers):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        self.compile(optimizer=optimizer, jit_compile=jit_compile)
         self.optimizer.build(self.trainable_variables)

@@ -71,8 +71,7 @@ def test_learns_and_new_head_is_zero(small_npz, tmp_path):
 def _trainer(model_path, split, lr=1e-3):
     model = bit_keras.create_model(model_path, num_classes=3)
     trainer = Trainer(model, batch_split=split)
-    trainer.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9))
-    trainer.build_optimizer()
+    trainer.compile_sgd(lr, momentum=0.9)
     return trainer
 
 

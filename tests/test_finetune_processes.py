@@ -106,14 +106,14 @@ def _free_ports(n):
     return ports
 
 
-def test_multi_worker_two_processes(small_npz, tmp_path):
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+def run_two_workers(code, tmp_path):
+    """Run `code(index)` as workers 0 and 1 of a TF_CONFIG cluster on 127.0.0.1; each saves its final weights to
+    tmp_path/w{index}.npz. Checks both ran with 2 replicas and ended with identical weights; returns their metrics."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        code = RUN.format(devices=1, npz=small_npz, logdir=str(tmp_path / "runs"), strategy="auto", out=str(tmp_path / f"w{index}.npz"))
-        procs.append(_start(code, env={"TF_CONFIG": tf_config}))
+        procs.append(_start(code(index), env={"TF_CONFIG": tf_config}))
     try:
         metrics = [_finish(proc) for proc in procs]
     finally:
@@ -124,6 +124,14 @@ def test_multi_worker_two_processes(small_npz, tmp_path):
     assert chief.keys() == worker.keys()
     for path in chief:
         np.testing.assert_array_equal(chief[path], worker[path], err_msg=path)
+    return metrics
+
+
+def test_multi_worker_two_processes(small_npz, tmp_path):
+    code = lambda index: RUN.format(  # noqa: E731
+        devices=1, npz=small_npz, logdir=str(tmp_path / "runs"), strategy="auto", out=str(tmp_path / f"w{index}.npz")
+    )
+    metrics = run_two_workers(code, tmp_path)
     assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
     # Only the chief wrote the run folder.
     assert sorted(os.listdir(tmp_path / "runs")) == ["run"]

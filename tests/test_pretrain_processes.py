@@ -1,12 +1,9 @@
 """Upstream pretraining across processes: 2-worker MultiWorkerMirroredStrategy on 127.0.0.1, exact resume after SIGKILL."""
 
-import json
-
-import numpy as np
 import pytest
 
 from tests.finetune_helpers import write_image_folder
-from tests.test_finetune_processes import _finish, _free_ports, _start, _weights, resume_after_sigkill
+from tests.test_finetune_processes import resume_after_sigkill, run_two_workers
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,22 +24,8 @@ print("METRICS", json.dumps(result.metrics))
 
 
 def test_multi_worker_pretraining_two_processes(tmp_path):
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        code = RUN.format(logdir=str(tmp_path / "runs"), out=str(tmp_path / f"w{index}.npz"))
-        procs.append(_start(code, env={"TF_CONFIG": tf_config}))
-    try:
-        metrics = [_finish(proc) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [m["replicas"] for m in metrics] == [2, 2] and metrics[0]["steps"] == 6
-    chief, worker = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
-    for path in chief:
-        np.testing.assert_array_equal(chief[path], worker[path], err_msg=path)
+    metrics = run_two_workers(lambda i: RUN.format(logdir=str(tmp_path / "runs"), out=str(tmp_path / f"w{i}.npz")), tmp_path)
+    assert metrics[0]["steps"] == 6
     assert (tmp_path / "runs" / "run" / "checkpoint.npz").exists()
 
 
