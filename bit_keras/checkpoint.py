@@ -6,7 +6,7 @@ Every key of the file must be consumed and every weight of the model set; anythi
 
 import os
 import re
-import tempfile
+import secrets
 import zipfile
 
 import numpy as np
@@ -152,12 +152,13 @@ def save_checkpoint(model, path):
     arrays = {key: np.asarray(var.numpy(), np.float32).reshape(shape) for key, var, shape in layout(model)}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".part", dir=directory)
+    tmp = f"{path}.part-{secrets.token_hex(6)}"  # not mkstemp: its 0600 mode would outlive the rename
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     return path

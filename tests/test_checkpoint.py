@@ -50,6 +50,9 @@ def test_save_load_round_trip_is_exact(small_model, small_params, tmp_path):
     path = tmp_path / "out" / "small.npz"
     assert save_checkpoint(small_model, path) == str(path)
     assert os.listdir(path.parent) == ["small.npz"]  # written through a temp file, nothing left beside it
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a normal file's mode, not the 0600 of mkstemp
     saved = read_npz(str(path))
     assert saved.keys() == small_params.keys()
     for key, value in small_params.items():

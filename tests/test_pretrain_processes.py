@@ -71,5 +71,8 @@ def test_few_shot_table_example(small_npz, tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "t.md").read_text().splitlines()
-    assert table[0] == "| examples per class | R26x0.5-random.npz fine-tuned | R26x0.5 from scratch |"
+    assert table[0] == (
+        "| examples per class | R26x0.5-random fine-tuned, base lr 0.003 | R26x0.5-random fine-tuned, base lr 0.03 "
+        "| R26x0.5 from scratch, base lr 0.1 |"
+    )
     assert [row.split("|")[1].strip() for row in table[2:4]] == ["1", "2"] and "±" in table[2]

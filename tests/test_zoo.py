@@ -42,7 +42,9 @@ def test_registry_names_and_urls():
         expected[f"BiT-M-{arch}-ILSVRC2012"] = (arch, 1000, f"{BUCKET}/BiT-M-{arch}-ILSVRC2012.npz", "imagenet1k")
     for size in (224, 160):
         expected[f"BiT-R50x1-distilled-{size}"] = ("R50x1", 1000, f"{BUCKET}/distill/R50x1_{size}.npz", "imagenet1k")
-    assert len(expected) == 20
+    shipped = os.path.join(os.path.dirname(zoo.__file__), "weights", "BiT-R14x0.5-mnist5k.npz")
+    expected["BiT-R14x0.5-mnist5k"] = ("R14x0.5", 10, shipped, "digits")
+    assert len(expected) == 21
     assert set(zoo.CHECKPOINTS) == set(expected)
     assert bit_keras.CHECKPOINTS is zoo.CHECKPOINTS
     for name, (arch, classes, url, labels) in expected.items():
@@ -79,6 +81,7 @@ def test_list_models():
         ("R101x1", ((3, 4, 23, 3), 1)),
         ("R152x4", ((3, 8, 36, 3), 4)),
         ("R26x0.5", ((2, 2, 2, 2), 0.5)),
+        ("R14x0.5", ((1, 1, 1, 1), 0.5)),
     ],
 )
 def test_parse_architecture(arch, expected):
@@ -94,7 +97,7 @@ def test_parse_architecture_rejects_unknown(bad):
         zoo.create_model(bad, num_classes=0)
 
 
-@pytest.mark.parametrize("arch, classes", [("R26x0.5", 0), ("R26x0.5", 10), ("R50x1", 0), ("R50x1", 1000)])
+@pytest.mark.parametrize("arch, classes", [("R14x0.5", 10), ("R26x0.5", 0), ("R26x0.5", 10), ("R50x1", 0), ("R50x1", 1000)])
 def test_parameter_count_matches_model(arch, classes):
     model = zoo.create_model(arch, num_classes=classes)
     assert zoo.parameter_count(arch, classes) == model.count_params()
