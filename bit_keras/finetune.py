@@ -14,7 +14,7 @@ from bit_keras import zoo
 from bit_keras import run as run_lib
 from bit_keras.run import RunFolder, RunResult
 from bit_keras.strategy import is_chief, make_strategy
-from bit_keras.trainer import Trainer
+from bit_keras.trainer import Trainer, mixed_precision_policy
 
 # With no data given, `finetune` runs offline on scikit-learn's bundled digits with these settings: the small
 # BiT shipped in the package (pretrained on MNIST by `bit-keras pretrain`) at 10x the HyperRule's base lr, which
@@ -22,7 +22,6 @@ from bit_keras.trainer import Trainer
 EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 64, "resolution": 32, "steps": 500, "base_lr": 0.03}
 DEFAULT_MODEL = "BiT-M-R50x1"  # for the user's own data
 TRAINABLE_FROM = ("block1", "block2", "block3", "block4", "head")
-MIXED_PRECISION = {None: None, "none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def finetune(
@@ -134,7 +133,7 @@ def finetune(
         "eval_every": eval_every,
         "seed": seed,
         "trainable_from": "head" if freeze_backbone else trainable_from,
-        "mixed_precision": MIXED_PRECISION[mixed_precision],
+        "mixed_precision": mixed_precision_policy(mixed_precision),
     }
     run = RunFolder(run_dir, chief=is_chief(strategy))
     run.prepare(config, overwrite)
@@ -206,8 +205,7 @@ def _check_choices(trainable_from, freeze_backbone, mixed_precision, batch, batc
         raise ValueError(f"trainable_from must be one of {TRAINABLE_FROM}, got {trainable_from!r}")
     if freeze_backbone and trainable_from not in (None, "head"):
         raise ValueError(f"freeze_backbone trains only the head; it contradicts trainable_from={trainable_from!r}")
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {[k for k in MIXED_PRECISION if k]}, got {mixed_precision!r}")
+    mixed_precision_policy(mixed_precision)
     if batch < 1 or batch_split < 1:
         raise ValueError(f"batch and batch_split must be positive, got {batch} and {batch_split}")
 

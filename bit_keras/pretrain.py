@@ -11,11 +11,10 @@ from bit_keras import checkpoint
 from bit_keras import data as data_lib
 from bit_keras import run as run_lib
 from bit_keras import upstream, zoo
-from bit_keras.finetune import MIXED_PRECISION
 from bit_keras.model import BiT
 from bit_keras.run import RunFolder, RunResult
 from bit_keras.strategy import is_chief, make_strategy
-from bit_keras.trainer import Trainer, loss_for_labels
+from bit_keras.trainer import Trainer, mixed_precision_policy, loss_for_labels
 
 
 def pretrain(
@@ -63,8 +62,7 @@ def pretrain(
     official layout, loadable with `bit_keras.create_model("PATH/checkpoint.npz")`.
     """
     log = print if verbose else (lambda *a, **k: None)
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {[k for k in MIXED_PRECISION if k]}, got {mixed_precision!r}")
+    policy = mixed_precision_policy(mixed_precision)
     if not isinstance(strategy, tf.distribute.Strategy):
         strategy = make_strategy(strategy, tpu)  # first: multi-worker collectives must be set up before any op
     if data is None:
@@ -93,7 +91,7 @@ def pretrain(
         "resolution": resolution,
         "eval_every": eval_every,
         "seed": seed,
-        "mixed_precision": MIXED_PRECISION[mixed_precision],
+        "mixed_precision": policy,
     }
     run = RunFolder(os.path.join(logdir, name), chief=is_chief(strategy))
     run.prepare(config, overwrite)

@@ -6,6 +6,14 @@ import tensorflow as tf
 from bit_keras.strategy import is_multi_worker
 
 LOSSES = ("softmax", "sigmoid")
+MIXED_PRECISION = {None: None, "none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def mixed_precision_policy(mixed_precision):
+    """The Keras dtype policy name (None: float32) of a `mixed_precision` choice: None/"none", "bfloat16", "float16"."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {[k for k in MIXED_PRECISION if k]}, got {mixed_precision!r}")
+    return MIXED_PRECISION[mixed_precision]
 
 
 def loss_for_labels(label_spec):

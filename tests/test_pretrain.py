@@ -66,3 +66,6 @@ def test_pretrain_needs_data_and_a_known_preset(tmp_path):
         pretrain(logdir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown preset 'bit-z'"):
         pretrain(data=stripes_data(), logdir=str(tmp_path), preset="bit-z")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        pretrain(data=stripes_data(), logdir=str(tmp_path), mixed_precision="int8")
+    assert not list(tmp_path.iterdir())  # refused before any run folder exists
