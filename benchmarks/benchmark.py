@@ -27,6 +27,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # bit_keras needs it; the 
 
 DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
 PEERS = ("auto", "timm", "none")
+TASKS = ("inference", "training", "pipeline", "parity")
 # timm's registered BiT models; other architectures are built from its ResNetV2 class with the same arguments.
 TIMM_NAMES = {
     "R50x1": "resnetv2_50x1_bit",
@@ -78,6 +79,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=_positive, default=2, help="intra- and inter-op threads of TF and torch")
     p.add_argument("--peer", choices=PEERS, default="auto", help="auto: timm when installed")
     p.add_argument("--pipeline_images", type=int, default=320, help="JPEGs for the input-pipeline test; 0 skips it")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="what to measure")
     p.add_argument("--timeout", type=_positive, default=1800, help="seconds allowed to each measurement")
     p.add_argument("--json", metavar="OUT", help="write every result to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # FRAMEWORK:TASK, run by the parent in a fresh process
@@ -161,12 +163,13 @@ def plan(args, peer):
     """`(framework, task)` pairs to measure, in order."""
     pairs = []
     for task in ("inference", "training"):
-        pairs.append(("bit_keras", task))
-        if peer:
-            pairs.append((peer, task))
-    if args.pipeline_images:
+        if task in args.tasks:
+            pairs.append(("bit_keras", task))
+            if peer:
+                pairs.append((peer, task))
+    if args.pipeline_images and "pipeline" in args.tasks:
         pairs.append(("bit_keras", "pipeline"))
-    if args.dtype != "float32":
+    if args.dtype != "float32" and "parity" in args.tasks:
         pairs.append(("bit_keras", "parity"))
     return pairs
 
@@ -497,11 +500,16 @@ def nchw(torch, images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-def timm_inference(args):
+def timm_built(args):
+    """torch (threads set), timm's model of `args.arch`, its name and build seconds."""
     torch = torch_setup(args)
     start = time.perf_counter()
     model, name = timm_model(args, torch)
-    build_s = time.perf_counter() - start
+    return torch, model, name, time.perf_counter() - start
+
+
+def timm_inference(args):
+    torch, model, name, build_s = timm_built(args)
     model.eval()
     images = nchw(torch, random_batch(args.batch, args.resolution, args.num_classes)[0])
 
@@ -514,12 +522,9 @@ def timm_inference(args):
 
 
 def timm_training(args):
-    torch = torch_setup(args)
     from bit_keras import hyperrule
 
-    start = time.perf_counter()
-    model, name = timm_model(args, torch)
-    build_s = time.perf_counter() - start
+    torch, model, name, build_s = timm_built(args)
     model.train()
     lr = hyperrule.scaled_lr(args.train_batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=hyperrule.MOMENTUM)
