@@ -3,7 +3,7 @@
 import keras
 from keras import layers
 
-from bit_keras.layers import GN_GROUPS, NORMALIZATIONS, PreActBottleneck, conv_layer, norm_layer
+from bit_keras.layers import GN_GROUPS, NORMALIZATIONS, PreActBottleneck, conv_layer, norm_relu_layer
 
 FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
 
@@ -74,8 +74,7 @@ class BiT(keras.Model):
                     dtype=dtype,
                 )(x)
             features[f"block{b}"] = x
-        x = norm_layer(normalization, "pre_head_norm", groups, dtype)(x)
-        x = layers.ReLU(name="pre_head_relu", dtype=dtype)(x)
+        x = norm_relu_layer(normalization, "pre_head_norm", groups, dtype)(x)
         x = layers.GlobalAveragePooling2D(name="pre_logits", dtype="float32")(x)
         features["pre_logits"] = x
         if num_classes:

@@ -63,7 +63,8 @@ def test_any_image_size(small, small_params):
 def test_predict_on_tf_data(small):
     x = batch(n=4)
     data = tf.data.Dataset.from_tensor_slices(x).batch(2)
-    np.testing.assert_allclose(small.predict(data, verbose=0), small.predict(x, verbose=0), atol=1e-6)
+    # Batches of 2 vs 4: XLA compiles GroupNorm per shape, so float32 sums may round differently (~3e-6 seen).
+    np.testing.assert_allclose(small.predict(data, verbose=0), small.predict(x, verbose=0), atol=1e-5)
 
 
 def test_feature_extractor(small):
