@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a minute of benchmarking: CI's slow step
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 TINY = (
