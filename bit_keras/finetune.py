@@ -213,7 +213,7 @@ def _check_choices(trainable_from, freeze_backbone, mixed_precision, batch, batc
 def _check_unused(dataset, model, **given):
     """Refuse options that would be silently ignored with this data or model."""
     unused = [f"{k} applies to a tfds dataset only" for k in ("data_dir", "manual_dir", "train_split", "test_split")]
-    unused = [msg for msg in unused if given[msg.split()[0]] and dataset is None]
+    unused = [msg for msg in unused if given[msg.split()[0]] and (dataset is None or dataset in data_lib.BUNDLED)]
     if given["bit_pretrained_dir"] and str(model) not in zoo.CHECKPOINTS:
         unused.append(f"bit_pretrained_dir applies to checkpoint names only, not {model!r}")
     if unused:

@@ -243,6 +243,8 @@ def test_bad_choices():
         finetune(data=stripes_data(), model="R26x0.5", strategy="horovod")
     with pytest.raises(ValueError, match="data_dir applies to a tfds dataset only; test_split applies"):
         finetune(data=stripes_data(), model="R26x0.5", data_dir="/tmp", test_split="validation")
+    with pytest.raises(ValueError, match="data_dir applies to a tfds dataset only"):
+        finetune("digits", model="R26x0.5", data_dir="/tmp")  # a bundled dataset is not read from tfds
     with pytest.raises(ValueError, match="bit_pretrained_dir applies to checkpoint names only, not 'R26x0.5'"):
         finetune(data=stripes_data(), model="R26x0.5", bit_pretrained_dir="/tmp")
     with pytest.raises(ValueError, match="TPU address is for the tpu strategy, not 'mirrored'"):
