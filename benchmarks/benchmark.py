@@ -27,7 +27,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # bit_keras needs it; the 
 
 DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
 PEERS = ("auto", "timm", "none")
-TASKS = ("inference", "training", "pipeline", "parity")
+TASKS = ("inference", "folded", "training", "pipeline", "parity")
 # timm's registered BiT models; other architectures are built from its ResNetV2 class with the same arguments.
 TIMM_NAMES = {
     "R50x1": "resnetv2_50x1_bit",
@@ -167,6 +167,8 @@ def plan(args, peer):
             pairs.append(("bit_keras", task))
             if peer:
                 pairs.append((peer, task))
+        if task == "inference" and "folded" in args.tasks:
+            pairs.append(("bit_keras", "folded"))
     if args.pipeline_images and "pipeline" in args.tasks:
         pairs.append(("bit_keras", "pipeline"))
     if args.dtype != "float32" and "parity" in args.tasks:
@@ -334,10 +336,12 @@ def keras_model(args):
     return model, time.perf_counter() - start
 
 
-def keras_inference(args):
+def keras_inference(args, fold=False):
     strategy = keras_strategy(args)
     with strategy.scope():
         model, build_s = keras_model(args)
+        if fold:
+            model = model.fold_weight_standardization()
         model.compile(jit_compile=args.xla)
     images, _ = random_batch(args.batch, args.resolution, args.num_classes)
     result = timed(lambda: model.predict_on_batch(images), args, args.batch)  # returns numpy: waits for the step
@@ -551,6 +555,7 @@ def _params(model):
 
 WORKERS = {
     "bit_keras:inference": keras_inference,
+    "bit_keras:folded": lambda args: keras_inference(args, fold=True),
     "bit_keras:training": keras_training,
     "bit_keras:pipeline": keras_pipeline,
     "bit_keras:parity": keras_parity,
@@ -561,9 +566,16 @@ WORKERS = {
 
 # ----------------------------------------------------------------------------- report
 
-# (label, task, key, format); the ratio column divides bit_keras's value by the peer's.
+# (label, task, key, format[, the peer's task]); the ratio column divides bit_keras's value by the peer's.
 ROWS = (
     ("inference, images/s: median [min, max]", "inference", "images_per_s", "{:.1f}"),
+    (
+        "inference, weight standardization folded (`fold_weight_standardization()`), images/s",
+        "folded",
+        "images_per_s",
+        "{:.1f}",
+        "inference",
+    ),
     ("training step, images/s: median [min, max]", "training", "images_per_s", "{:.1f}"),
     ("first training step, s (bit_keras: from the fit call)", "training", "first_step_s", "{:.1f}"),
     ("first inference call, s", "inference", "first_step_s", "{:.1f}"),
@@ -617,10 +629,12 @@ def markdown(results):
         f"| | bit_keras | {peer or 'peer'} | bit_keras / {peer or 'peer'} |",
         "|---|---|---|---|",
     ]
-    for label, task, key, fmt in ROWS:
+    for label, task, key, fmt, *peer_task in ROWS:
+        if task not in ours:
+            continue
+        mine, peers = ours[task], theirs.get(peer_task[0] if peer_task else task)
         lines.append(
-            f"| {label} | {cell(ours.get(task), key, fmt)} | "
-            f"{cell(theirs.get(task), key, fmt) if peer else '-'} | {ratio(ours.get(task), theirs.get(task), key)} |"
+            f"| {label} | {cell(mine, key, fmt)} | {cell(peers, key, fmt) if peer else '-'} | {ratio(mine, peers, key)} |"
         )
     if "pipeline" in ours:
         lines.append(_pipeline_row(ours["pipeline"], ours.get("training")))

@@ -25,12 +25,15 @@ class StandardizedConv2D(layers.Conv2D):
         super().__init__(filters, kernel_size, **kwargs)
         self.epsilon = epsilon
 
-    def convolution_op(self, inputs, kernel):
+    def standardize(self, kernel):
+        """`kernel` standardized per output channel, in float32."""
         # float32 statistics even under mixed precision: var + 1e-10 is meaningless in 16-bit floats.
         kernel = tf.cast(kernel, tf.float32)
         mean, variance = tf.nn.moments(kernel, axes=(0, 1, 2), keepdims=True)  # two-pass: exact for offset kernels
-        kernel = (kernel - mean) * tf.math.rsqrt(variance + self.epsilon)
-        return super().convolution_op(inputs, tf.cast(kernel, inputs.dtype))
+        return (kernel - mean) * tf.math.rsqrt(variance + self.epsilon)
+
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, tf.cast(self.standardize(kernel), inputs.dtype))
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

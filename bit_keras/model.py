@@ -109,6 +109,30 @@ class BiT(keras.Model):
                 model.get_layer(layer.name).set_weights(layer.get_weights())
         return model
 
+    def fold_weight_standardization(self):
+        """A copy for inference whose plain convolutions hold the standardized kernels (this model when it
+        has no weight standardization).
+
+        Same outputs, without standardizing every kernel on every call: on 2 CPU cores R50x1 predicts
+        1.2-1.5x faster at batch 1 and 1.07x at batch 16 (`benchmarks/benchmark.py`, the folded row). Train
+        the original, not the copy: its kernels would not be standardized again after an update.
+        """
+        if not self.weight_standardization:
+            return self
+        folded = BiT.from_config({**self.get_config(), "weight_standardization": False})
+        folded.set_weights(self.get_weights())
+        for ours, theirs in zip(self._convolutions(), folded._convolutions(), strict=True):
+            theirs.kernel.assign(ours.standardize(ours.kernel))
+        return folded
+
+    def _convolutions(self):
+        """Every convolution, in model order."""
+        for layer in self.layers:
+            if isinstance(layer, PreActBottleneck):
+                yield from (c for c in (layer.conv_a, layer.conv_b, layer.conv_c, layer.proj) if c is not None)
+            elif isinstance(layer, layers.Conv2D):
+                yield layer
+
     def get_config(self):
         return {
             "block_units": self.block_units,

@@ -29,7 +29,7 @@ def test_tiny_run_writes_table_and_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
     ours = results["bit_keras"]
-    for task in ("inference", "training", "pipeline"):
+    for task in ("inference", "folded", "training", "pipeline"):
         assert ours[task]["images_per_s"] > 0, task
         assert ours[task]["images_per_s_min"] <= ours[task]["images_per_s"] <= ours[task]["images_per_s_max"]
         assert len(ours[task]["images_per_s_reps"]) == 2
@@ -41,6 +41,7 @@ def test_tiny_run_writes_table_and_json(tmp_path):
     assert results["machine"]["logical_cpus"] >= 1 and results["versions"]["tensorflow"]
     assert "| inference, images/s: median [min, max] |" in proc.stdout
     assert "| training step, images/s: median [min, max] |" in proc.stdout
+    assert "| inference, weight standardization folded (`fold_weight_standardization()`), images/s |" in proc.stdout
     assert "input pipeline alone" in proc.stdout and "x the training step" in proc.stdout
 
 

@@ -67,6 +67,27 @@ def test_predict_on_tf_data(small):
     np.testing.assert_allclose(small.predict(data, verbose=0), small.predict(x, verbose=0), atol=1e-5)
 
 
+def test_fold_weight_standardization(small, small_params):
+    folded = small.fold_weight_standardization()
+    assert folded.get_config() == {**small.get_config(), "weight_standardization": False}
+    assert not any(isinstance(c, bit_keras.StandardizedConv2D) for c in folded._convolutions())
+    assert len(list(folded._convolutions())) == len(list(small._convolutions())) == 1 + 8 * 3 + 4  # root, units, projs
+    x = batch(96, 80)
+    ref = reference_forward(small_params, x, block_units=SMALL["block_units"])
+    # The same standardized kernels, so the same outputs; both still match the float64 reference.
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(small(x)), rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(folded(x)) - ref["logits"]).max() <= 5e-5 * np.abs(ref["logits"]).max()
+    kernel = small.get_layer("block2_unit01").conv_b.kernel.numpy()  # the original keeps its raw kernels
+    assert np.abs(kernel.mean(axis=(0, 1, 2))).max() > 1e-3
+    assert folded.fold_weight_standardization() is folded
+    mixed = bit_keras.load_checkpoint(bit_keras.create_model("R26x0.5", num_classes=10, dtype="mixed_bfloat16"), small_params)
+    mixed_folded = mixed.fold_weight_standardization()
+    assert mixed_folded.get_layer("block1_unit01").compute_dtype == "bfloat16"
+    reference = np.asarray(small(x))
+    unfolded_error, folded_error = (np.abs(np.asarray(m(x)) - reference).max() for m in (mixed, mixed_folded))
+    assert folded_error <= max(2 * unfolded_error, 0.01 * np.abs(reference).max())  # bf16 rounding, no worse
+
+
 def test_feature_extractor(small):
     features = small.feature_extractor()(batch())
     shapes = {name: tuple(value.shape) for name, value in features.items()}
