@@ -27,7 +27,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # bit_keras needs it; the 
 
 DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
 PEERS = ("auto", "timm", "none")
-TASKS = ("inference", "folded", "training", "pipeline", "parity")
+TASKS = ("inference", "folded", "training", "convolutions", "pipeline", "parity")
 # timm's registered BiT models; other architectures are built from its ResNetV2 class with the same arguments.
 TIMM_NAMES = {
     "R50x1": "resnetv2_50x1_bit",
@@ -162,7 +162,7 @@ def resolve_peer(choice):
 def plan(args, peer):
     """`(framework, task)` pairs to measure, in order."""
     pairs = []
-    for task in ("inference", "training"):
+    for task in ("inference", "training", "convolutions"):
         if task in args.tasks:
             pairs.append(("bit_keras", task))
             if peer:
@@ -382,6 +382,70 @@ def keras_training(args):
     return {**result, "resolution": args.train_resolution, "build_s": build_s, "params": model.count_params()}
 
 
+def conv_problems(args):
+    """`(input shape NHWC, kernel shape HWIO, stride)` of every convolution of `args.arch` at the training
+    batch and resolution, in model order."""
+    from bit_keras import zoo
+    from bit_keras.layers import PreActBottleneck
+
+    size = args.train_resolution
+    model = zoo.create_model(args.arch, num_classes=0, input_shape=(size, size, 3))
+    batch = args.train_batch // args.cpu_devices  # what one replica convolves
+    problems = []
+    for layer in model.layers:
+        if isinstance(layer, PreActBottleneck):
+            (_, height, width, _), (_, out_height, out_width, _) = layer.input.shape, layer.output.shape
+            inputs = {  # conv_b sees its 1-pixel zero padding
+                "conv_a": (height, width),
+                "conv_b": (height + 2, width + 2),
+                "conv_c": (out_height, out_width),
+                "proj": (height, width),
+            }
+            for name, (h, w) in inputs.items():
+                conv = getattr(layer, name)
+                if conv is not None:
+                    problems.append(((batch, h, w, conv.kernel.shape[2]), tuple(conv.kernel.shape), conv.strides[0]))
+        elif layer.name == "root_conv":
+            problems.append(((batch, *layer.input.shape[1:]), tuple(layer.kernel.shape), layer.strides[0]))
+    return problems
+
+
+def keras_convolutions(args):
+    """Milliseconds of the model's convolutions alone per training step: each one's forward and both backward
+    passes (`tf.nn.conv2d`, input and kernel gradients for a fixed output gradient), medians summed."""
+    keras_threads(args)
+    import tensorflow as tf
+
+    def problem_step(input_shape, kernel_shape, stride):
+        images, kernel = tf.random.normal(input_shape), tf.random.normal(kernel_shape)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch([images, kernel])
+                outputs = tf.nn.conv2d(images, kernel, stride, "VALID")
+            return tape.gradient(outputs, [images, kernel], output_gradients=tf.ones_like(outputs))
+
+        return lambda: [g.numpy() for g in step()]
+
+    return convolutions_summary(args, [problem_step(*p) for p in conv_problems(args)])
+
+
+def convolutions_summary(args, steps):
+    """Times every step (warm-up, then repetitions); `step_ms`: the sum of their medians, and its parts."""
+    medians = []
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times) * 1e3)
+    return {"step_ms": sum(medians), "convolutions": len(medians), "ms_each": medians}
+
+
 def keras_pipeline(args):
     """Decoded + augmented images/s of `bit_keras.data.train_batches` (uncached) on a generated JPEG folder."""
     keras_threads(args)
@@ -549,6 +613,25 @@ def timm_training(args):
     return {**result, "resolution": args.train_resolution, "build_s": build_s, "params": _params(model), "model": name}
 
 
+def timm_convolutions(args):
+    """The same convolutions as `keras_convolutions`, in PyTorch (NCHW, as timm runs them)."""
+    torch = torch_setup(args)
+
+    def problem_step(input_shape, kernel_shape, stride):
+        n, h, w, c = input_shape
+        kh, kw, cin, cout = kernel_shape
+        images = torch.randn(n, c, h, w, requires_grad=True)
+        kernel = torch.randn(cout, cin, kh, kw, requires_grad=True)
+
+        def step():
+            outputs = torch.nn.functional.conv2d(images, kernel, stride=stride)
+            return torch.autograd.grad(outputs, [images, kernel], torch.ones_like(outputs))
+
+        return step
+
+    return convolutions_summary(args, [problem_step(*p) for p in conv_problems(args)])
+
+
 def _params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -561,6 +644,8 @@ WORKERS = {
     "bit_keras:parity": keras_parity,
     "timm:inference": timm_inference,
     "timm:training": timm_training,
+    "bit_keras:convolutions": keras_convolutions,
+    "timm:convolutions": timm_convolutions,
 }
 
 
@@ -582,6 +667,8 @@ ROWS = (
     ("peak memory, inference, MB", "inference", "peak_rss_mb", "{:.0f}"),
     ("peak memory, training, MB", "training", "peak_rss_mb", "{:.0f}"),
     ("parameters, M", "inference", "params", "{:.2f}"),
+    ("training convolutions alone (forward + both backward passes, tf.nn.conv2d / torch conv2d), ms per step",
+     "convolutions", "step_ms", "{:.0f}"),
 )
 
 

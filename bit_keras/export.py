@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from bit_keras.data import decode_and_resize
+from bit_keras.layers import portable_ops
 
 KINDS = ("feature_vector", "classification")
 IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
@@ -64,28 +65,29 @@ def export(model, out, kind="feature_vector", class_names=None, image_size=None,
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        root = _reusable(net)
-        if kind == "classification":
-            root.feature_vector = _reusable(features)  # the backbone alone, for a new head
-        signatures = {"serving_default": _serving_default(net, kind)}
-        if kind == "classification":
-            os.makedirs(tmp)
-            labels_path = os.path.join(tmp, LABELS_ASSET)
-            with open(labels_path, "w", encoding="utf-8") as f:
-                f.writelines(f"{name}\n" for name in class_names)
-            root.labels_asset = tf.saved_model.Asset(labels_path)
-            root.labels = tf.lookup.StaticHashTable(
-                tf.lookup.TextFileInitializer(
-                    root.labels_asset,
-                    tf.int64,
-                    tf.lookup.TextFileIndex.LINE_NUMBER,
-                    tf.string,
-                    tf.lookup.TextFileIndex.WHOLE_LINE,
-                ),
-                default_value="",
-            )
-            signatures["serving_bytes"] = _serving_bytes(net, root.labels, int(image_size), min(top_k, model.num_classes))
-        tf.saved_model.save(root, tmp, signatures=signatures)
+        with portable_ops():  # the SavedModel may be served on a GPU
+            root = _reusable(net)
+            if kind == "classification":
+                root.feature_vector = _reusable(features)  # the backbone alone, for a new head
+            signatures = {"serving_default": _serving_default(net, kind)}
+            if kind == "classification":
+                os.makedirs(tmp)
+                labels_path = os.path.join(tmp, LABELS_ASSET)
+                with open(labels_path, "w", encoding="utf-8") as f:
+                    f.writelines(f"{name}\n" for name in class_names)
+                root.labels_asset = tf.saved_model.Asset(labels_path)
+                root.labels = tf.lookup.StaticHashTable(
+                    tf.lookup.TextFileInitializer(
+                        root.labels_asset,
+                        tf.int64,
+                        tf.lookup.TextFileIndex.LINE_NUMBER,
+                        tf.string,
+                        tf.lookup.TextFileIndex.WHOLE_LINE,
+                    ),
+                    default_value="",
+                )
+                signatures["serving_bytes"] = _serving_bytes(net, root.labels, int(image_size), min(top_k, model.num_classes))
+            tf.saved_model.save(root, tmp, signatures=signatures)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

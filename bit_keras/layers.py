@@ -1,5 +1,8 @@
 """BiT building blocks: weight-standardized convolution, normalization and the pre-activation bottleneck."""
 
+import contextlib
+import contextvars
+
 import keras
 import tensorflow as tf
 from keras import layers, ops
@@ -11,6 +14,27 @@ BN_EPSILON = 1e-5  # only for the paper's BatchNorm ablation
 BN_MOMENTUM = 0.9
 
 NORMALIZATIONS = ("group", "batch")
+
+_PORTABLE = contextvars.ContextVar("bit_keras_portable_ops", default=False)
+
+
+@contextlib.contextmanager
+def portable_ops():
+    """Trace BiT layers with ops that are exact on every device: for graphs saved to run elsewhere
+    (`bit_keras.export` and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT model should too)."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
+
+def _fused_standardization():
+    """Whether weight standardization may use FusedBatchNorm: on CPU-only hosts, outside `portable_ops`.
+    (cuDNN's batch norm refuses or clamps epsilons below 1e-5; BiT's is 1e-10.)"""
+    if _PORTABLE.get():
+        return False
+    return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
@@ -29,6 +53,22 @@ class StandardizedConv2D(layers.Conv2D):
         """`kernel` standardized per output channel, in float32."""
         # float32 statistics even under mixed precision: var + 1e-10 is meaningless in 16-bit floats.
         kernel = tf.cast(kernel, tf.float32)
+        if _fused_standardization():
+            # Training-mode FusedBatchNorm of a (1, h*w, in, out) view is this standardization in one op each
+            # way (CPU: two-pass, biased variance, eps inside the sqrt): R50x1's forward + backward of all
+            # kernels takes 59 ms instead of 115. Centred first, as XLA lowers it with a one-pass variance.
+            kernel -= tf.stop_gradient(tf.reduce_mean(kernel, axis=(0, 1, 2), keepdims=True))
+            h, w, inputs, outputs = kernel.shape
+            standardized, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=tf.reshape(kernel, (1, h * w, inputs, outputs)),
+                scale=tf.ones((outputs,)),
+                offset=tf.zeros((outputs,)),
+                mean=tf.zeros((0,)),
+                variance=tf.zeros((0,)),
+                epsilon=self.epsilon,
+                is_training=True,
+            )
+            return tf.reshape(standardized, kernel.shape)
         mean, variance = tf.nn.moments(kernel, axes=(0, 1, 2), keepdims=True)  # two-pass: exact for offset kernels
         return (kernel - mean) * tf.math.rsqrt(variance + self.epsilon)
 

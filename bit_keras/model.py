@@ -3,7 +3,7 @@
 import keras
 from keras import layers
 
-from bit_keras.layers import GN_GROUPS, NORMALIZATIONS, PreActBottleneck, conv_layer, norm_relu_layer
+from bit_keras.layers import GN_GROUPS, NORMALIZATIONS, PreActBottleneck, conv_layer, norm_relu_layer, portable_ops
 
 FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
 
@@ -132,6 +132,11 @@ class BiT(keras.Model):
                 yield from (c for c in (layer.conv_a, layer.conv_b, layer.conv_c, layer.proj) if c is not None)
             elif isinstance(layer, layers.Conv2D):
                 yield layer
+
+    def export(self, filepath, *args, **kwargs):
+        """Keras' `Model.export`, traced with `portable_ops` (the SavedModel may be served on a GPU)."""
+        with portable_ops():
+            return super().export(filepath, *args, **kwargs)
 
     def get_config(self):
         return {

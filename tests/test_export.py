@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import bit_keras
 from bit_keras.export import export, load_source
+from bit_keras.layers import portable_ops
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env
 
 pytestmark = pytest.mark.timeout(600)
@@ -201,8 +202,10 @@ def test_mixed_precision_and_strategy_scope_exports(small_npz, tmp_path):
     export(bf16, tmp_path / "bf16", "classification", CLASS_NAMES, image_size=32)
     loaded = tf.saved_model.load(str(tmp_path / "bf16"))
     assert loaded(x).dtype == tf.float32 and loaded.feature_vector(x).dtype == tf.float32
-    # The same graph as the model traced by tf.function (eager bfloat16 rounds differently, at bfloat16's ~1e-2).
-    reference = tf.function(lambda images: bf16(images, training=False))(x).numpy()
+    # The same graph as the model traced by tf.function (eager bfloat16 rounds differently, at bfloat16's ~1e-2),
+    # with the export's portable ops (the CPU's fused weight standardization rounds kernels differently).
+    with portable_ops():
+        reference = tf.function(lambda images: bf16(images, training=False))(x).numpy()
     assert np.abs(loaded(x).numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         mirrored = bit_keras.create_model(small_npz)
@@ -211,6 +214,19 @@ def test_mixed_precision_and_strategy_scope_exports(small_npz, tmp_path):
     assert features.dtype == tf.float32
     reference = mirrored.feature_extractor(["pre_logits"])(x)["pre_logits"].numpy()
     assert np.abs(features.numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
+
+
+def test_exports_are_portable_to_gpus(small_npz, tmp_path):
+    """SavedModels hold no FusedBatchNormV3 (this CPU's fast weight standardization, whose epsilon cuDNN
+    would clamp), from `export` and from Keras' `Model.export` alike; an in-process trace here does."""
+    model = bit_keras.create_model(small_npz)
+    spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
+    assert b"FusedBatchNormV3" in tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
+    export(model, tmp_path / "fv")
+    model.export(str(tmp_path / "keras_export"), verbose=False)
+    for path in (tmp_path / "fv", tmp_path / "keras_export"):
+        graph = (path / "saved_model.pb").read_bytes()
+        assert b"Conv2D" in graph and b"FusedBatchNormV3" not in graph, path
 
 
 def test_export_is_atomic_and_refuses_to_overwrite(small_npz, tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from bit_keras.layers import GN_EPSILON, WS_EPSILON, GroupNorm, PreActBottleneck, StandardizedConv2D
+from bit_keras.layers import GN_EPSILON, WS_EPSILON, GroupNorm, PreActBottleneck, StandardizedConv2D, portable_ops
 from tests.reference_bit import conv2d, group_norm, standardize
 
 
@@ -18,6 +19,38 @@ def test_standardized_conv_matches_numpy():
     expected = conv2d(x.astype(np.float64), standardize(kernel, WS_EPSILON), 2)
     np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
     assert layer.epsilon == 1e-10
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3, 3.0])
+def test_fused_and_portable_standardization_agree(offset):
+    """The CPU's FusedBatchNorm path, the portable path and the XLA-compiled fused path: same kernels and
+    kernel gradients as float64, for kernels with an offset too (XLA lowers batch norm with a one-pass variance)."""
+    rng = np.random.default_rng(3)
+    layer = StandardizedConv2D(16, 3)
+    kernel = tf.constant((0.05 * rng.standard_normal((3, 3, 8, 16)) + offset).astype(np.float32))
+    upstream = tf.constant(rng.standard_normal(kernel.shape).astype(np.float32))
+    expected = standardize(kernel.numpy(), WS_EPSILON)
+    mean, std = expected.mean(axis=(0, 1, 2)), np.sqrt(kernel.numpy().astype(np.float64).var(axis=(0, 1, 2)) + WS_EPSILON)
+    g = upstream.numpy().astype(np.float64)  # d/dk of sum(g * standardize(k)), closed form
+    expected_grad = (g - g.mean(axis=(0, 1, 2)) - expected * (g * expected).mean(axis=(0, 1, 2))) / std
+    assert np.abs(mean).max() < 1e-12
+
+    def value_and_grad():
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            standardized = layer.standardize(kernel)
+        return standardized, tape.gradient(standardized, kernel, output_gradients=upstream)
+
+    def graph_ops(fn):
+        return {op.type for op in tf.function(fn).get_concrete_function().graph.get_operations()}
+
+    assert "FusedBatchNormV3" in graph_ops(lambda: layer.standardize(kernel))  # this CPU-only host: fused
+    with portable_ops():
+        assert "FusedBatchNormV3" not in graph_ops(lambda: layer.standardize(kernel))
+        portable = value_and_grad()
+    for value, grad in (value_and_grad(), portable, tf.function(value_and_grad, jit_compile=True)()):
+        np.testing.assert_allclose(value.numpy(), expected, rtol=0, atol=2e-6 * (1 + 10 * offset))
+        np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=0, atol=2e-5 * np.abs(expected_grad).max())
 
 
 def test_standardized_conv_epsilon_is_a_constructor_argument():
