@@ -203,11 +203,13 @@ class PreActBottleneck(layers.Layer):
             self.proj.build(input_shape)
         self.norm_a.build(input_shape)
         self.conv_a.build(input_shape)
-        mid_shape = (*input_shape[:-1], self.filters)
-        self.norm_b.build(mid_shape)
-        self.conv_b.build(mid_shape)
-        self.norm_c.build(mid_shape)
-        self.conv_c.build(mid_shape)
+        batch, height, width, _ = input_shape
+        self.norm_b.build((batch, height, width, self.filters))
+        padded = (None if size is None else size + 2 for size in (height, width))  # pad_b's output
+        self.conv_b.build((batch, *padded, self.filters))
+        strided = (*self.compute_output_shape(input_shape)[:-1], self.filters)
+        self.norm_c.build(strided)
+        self.conv_c.build(strided)
 
     def call(self, inputs, training=None):
         preact = self.norm_a(inputs, training=training)

@@ -60,6 +60,15 @@ def test_any_image_size(small, small_params):
         assert np.abs(out - ref["logits"]).max() <= 5e-5 * np.abs(ref["logits"]).max()
 
 
+def test_fixed_input_shape_down_to_one_pixel(small):
+    """A static input size builds every unit for its real sizes: at 32px block4's 3x3 convs see 1x1 (+ padding)."""
+    fixed = bit_keras.create_model("R26x0.5", num_classes=10, input_shape=(32, 32, 3))
+    fixed.set_weights(small.get_weights())
+    assert fixed.get_layer("block4_unit01").output.shape == (None, 1, 1, 1024)
+    x = batch(32, 32)
+    np.testing.assert_allclose(np.asarray(fixed(x)), np.asarray(small(x)), rtol=0, atol=1e-6)
+
+
 def test_predict_on_tf_data(small):
     x = batch(n=4)
     data = tf.data.Dataset.from_tensor_slices(x).batch(2)
