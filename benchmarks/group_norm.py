@@ -1,0 +1,124 @@
+"""GroupNorm + ReLU alone: bit_keras's fused XLA kernel against Keras' `GroupNormalization` (issue #6).
+
+    python benchmarks/group_norm.py
+
+Times forward and forward + backward of every GroupNorm + ReLU of a BiT architecture at the training batch
+and resolution (the shapes R50x1 normalizes), each layer's median summed, with the largest deviation of
+each from a float64 reference. Both use BiT's epsilon (1e-5; Keras' default is 1e-3).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def gn_shapes(arch, batch, resolution):
+    """`(batch, height, width, channels)` of every GroupNorm input of `arch`, in model order."""
+    from bit_keras import zoo
+    from bit_keras.layers import PreActBottleneck
+
+    model = zoo.create_model(arch, num_classes=0, input_shape=(resolution, resolution, 3))
+    shapes = []
+    for layer in model.layers:
+        if isinstance(layer, PreActBottleneck):
+            (_, h, w, c), (_, oh, ow, _) = layer.input.shape, layer.output.shape
+            shapes += [(batch, h, w, c), (batch, h, w, layer.filters), (batch, oh, ow, layer.filters)]
+        elif layer.name == "pre_head_norm":
+            shapes.append((batch, *layer.input.shape[1:]))
+    return shapes
+
+
+def reference(x, gamma, beta, groups=32, epsilon=1e-5):
+    """float64 GroupNorm + ReLU."""
+    import numpy as np
+
+    n, h, w, c = x.shape
+    g = x.astype(np.float64).reshape(n, h, w, groups, c // groups)
+    normalized = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + epsilon)
+    return np.maximum(normalized.reshape(x.shape) * gamma + beta, 0)
+
+
+def measure(layer_fn, shapes, repeats, warmup):
+    """(forward ms, forward + backward ms, worst max abs error / max abs output) summed over the shapes."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    forward_ms = backward_ms = worst = 0.0
+    for shape in shapes:
+        x = tf.constant((rng.standard_normal(shape) + 0.5).astype(np.float32))  # an offset: pre-activations have one
+        layer = layer_fn()
+        layer.build(shape)
+        gamma, beta = rng.uniform(0.5, 1.5, shape[-1]), rng.normal(0, 0.1, shape[-1])
+        layer.set_weights([gamma.astype(np.float32), beta.astype(np.float32)])
+        upstream = tf.constant(rng.standard_normal(shape).astype(np.float32))
+
+        forward = tf.function(lambda: layer(x, training=True))
+
+        @tf.function
+        def both():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return tape.gradient(y, [x, *layer.trainable_weights], output_gradients=upstream)
+
+        expected = reference(x.numpy(), gamma, beta)
+        worst = max(worst, float(np.abs(forward().numpy() - expected).max() / np.abs(expected).max()))
+        forward_ms += timed(lambda: forward().numpy(), repeats, warmup)
+        backward_ms += timed(lambda: [g.numpy() for g in both()], repeats, warmup)
+    return forward_ms, backward_ms, worst
+
+
+def timed(step, repeats, warmup):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="R50x1", help="architecture whose GroupNorm shapes are timed")
+    p.add_argument("--batch", type=int, default=8, help="batch")
+    p.add_argument("--resolution", type=int, default=128, help="image size")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per layer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (tracing, compilation)")
+    p.add_argument("--threads", type=int, default=2, help="TensorFlow's intra- and inter-op threads")
+    args = p.parse_args(argv)
+    import keras
+    import tensorflow as tf
+
+    from bit_keras.layers import GN_EPSILON, GroupNorm
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    shapes = gn_shapes(args.model, args.batch, args.resolution)
+
+    def keras_layer():
+        norm = keras.layers.GroupNormalization(groups=32, epsilon=GN_EPSILON)
+        return keras.Sequential([norm, keras.layers.ReLU()])
+
+    candidates = {
+        "bit_keras GroupNorm(relu=True): one XLA kernel": lambda: GroupNorm(relu=True),
+        "keras.layers.GroupNormalization(epsilon=1e-5) + ReLU": keras_layer,
+    }
+    print(f"## GroupNorm + ReLU: {args.model}'s {len(shapes)} layers at batch {args.batch}, {args.resolution}px, "
+          f"{args.threads} threads (TensorFlow {tf.__version__}, Keras {keras.__version__})\n")
+    print("| | forward, ms | forward + backward, ms | max abs error / max output vs float64 |")
+    print("|---|---|---|---|")
+    for name, make in candidates.items():
+        forward_ms, both_ms, worst = measure(make, shapes, args.repeats, args.warmup)
+        print(f"| {name} | {forward_ms:.0f} | {both_ms:.0f} | {worst:.1e} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
