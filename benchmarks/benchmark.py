@@ -48,7 +48,7 @@ PEER_INSTALL = "see benchmarks/README.md for the CPU-only install of torch and t
 # ----------------------------------------------------------------------------- command line
 
 
-def _positive(text):
+def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -64,23 +64,23 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="R50x1", help="architecture (R50x1, R26x0.5...) or checkpoint name; random init")
-    p.add_argument("--num_classes", type=_positive, default=1000, help="classes of the head")
-    p.add_argument("--batch", type=_positive, default=16, help="inference batch")
-    p.add_argument("--resolution", type=_positive, default=224, help="inference image size")
-    p.add_argument("--train_batch", type=_positive, default=8, help="training batch (global)")
-    p.add_argument("--train_resolution", type=_positive, default=128, help="training crop size")
-    p.add_argument("--repeats", type=_positive, default=5, help="timed repetitions")
-    p.add_argument("--steps", type=_positive, default=2, help="batches per timed repetition")
-    p.add_argument("--warmup", type=_positive, default=2, help="untimed batches first (the first one traces)")
+    p.add_argument("--num_classes", type=positive_int, default=1000, help="classes of the head")
+    p.add_argument("--batch", type=positive_int, default=16, help="inference batch")
+    p.add_argument("--resolution", type=positive_int, default=224, help="inference image size")
+    p.add_argument("--train_batch", type=positive_int, default=8, help="training batch (global)")
+    p.add_argument("--train_resolution", type=positive_int, default=128, help="training crop size")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions")
+    p.add_argument("--steps", type=positive_int, default=2, help="batches per timed repetition")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed batches first (the first one traces)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="Keras dtype policy (timm: torch.autocast)")
     p.add_argument("--xla", action="store_true", help="compile bit_keras's steps with XLA (jit_compile=True)")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="bit_keras.strategy.make_strategy name")
-    p.add_argument("--cpu_devices", type=_positive, default=1, help="logical CPU devices (replicas of 'mirrored')")
-    p.add_argument("--threads", type=_positive, default=2, help="intra- and inter-op threads of TF and torch")
+    p.add_argument("--cpu_devices", type=positive_int, default=1, help="logical CPU devices (replicas of 'mirrored')")
+    p.add_argument("--threads", type=positive_int, default=2, help="intra- and inter-op threads of TF and torch")
     p.add_argument("--peer", choices=PEERS, default="auto", help="auto: timm when installed")
     p.add_argument("--pipeline_images", type=int, default=320, help="JPEGs for the input-pipeline test; 0 skips it")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="what to measure")
-    p.add_argument("--timeout", type=_positive, default=1800, help="seconds allowed to each measurement")
+    p.add_argument("--timeout", type=positive_int, default=1800, help="seconds allowed to each measurement")
     p.add_argument("--json", metavar="OUT", help="write every result to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # FRAMEWORK:TASK, run by the parent in a fresh process
     p.add_argument("--worker_out", help=argparse.SUPPRESS)
@@ -433,17 +433,20 @@ def keras_convolutions(args):
 
 def convolutions_summary(args, steps):
     """Times every step (warm-up, then repetitions); `step_ms`: the sum of their medians, and its parts."""
-    medians = []
-    for step in steps:
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        medians.append(statistics.median(times) * 1e3)
+    medians = [median_ms(step, args.repeats, args.warmup) for step in steps]
     return {"step_ms": sum(medians), "convolutions": len(medians), "ms_each": medians}
+
+
+def median_ms(step, repeats, warmup):
+    """The median milliseconds of `repeats` calls of `step`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def keras_pipeline(args):

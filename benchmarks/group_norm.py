@@ -8,12 +8,9 @@ each from a float64 reference. Both use BiT's epsilon (1e-5; Keras' default is 1
 """
 
 import argparse
-import os
-import statistics
 import sys
-import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from benchmark import median_ms, positive_int  # this folder's benchmark.py (sets KERAS_BACKEND)
 
 
 def gn_shapes(arch, batch, resolution):
@@ -68,30 +65,19 @@ def measure(layer_fn, shapes, repeats, warmup):
 
         expected = reference(x.numpy(), gamma, beta)
         worst = max(worst, float(np.abs(forward().numpy() - expected).max() / np.abs(expected).max()))
-        forward_ms += timed(lambda: forward().numpy(), repeats, warmup)
-        backward_ms += timed(lambda: [g.numpy() for g in both()], repeats, warmup)
+        forward_ms += median_ms(lambda: forward().numpy(), repeats, warmup)
+        backward_ms += median_ms(lambda: [g.numpy() for g in both()], repeats, warmup)
     return forward_ms, backward_ms, worst
-
-
-def timed(step, repeats, warmup):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="R50x1", help="architecture whose GroupNorm shapes are timed")
-    p.add_argument("--batch", type=int, default=8, help="batch")
-    p.add_argument("--resolution", type=int, default=128, help="image size")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per layer")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (tracing, compilation)")
-    p.add_argument("--threads", type=int, default=2, help="TensorFlow's intra- and inter-op threads")
+    p.add_argument("--batch", type=positive_int, default=8, help="batch")
+    p.add_argument("--resolution", type=positive_int, default=128, help="image size")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions per layer")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed calls first (tracing, compilation)")
+    p.add_argument("--threads", type=positive_int, default=2, help="TensorFlow's intra- and inter-op threads")
     args = p.parse_args(argv)
     import keras
     import tensorflow as tf

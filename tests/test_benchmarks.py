@@ -49,3 +49,16 @@ def test_unknown_model_is_named():
     proc = run("--model", "R51x1", "--peer", "none", timeout=120)
     assert proc.returncode == 2
     assert "unknown model 'R51x1'" in proc.stderr
+
+
+def test_group_norm_script_times_both_layers():
+    script = SCRIPT.parent / "group_norm.py"
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    command = [sys.executable, str(script), "--model", "R26x0.5", "--resolution", "32", "--batch", "2", "--repeats", "1"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row[0].strip().split()[0] for row in rows] == ["bit_keras", "keras.layers.GroupNormalization(epsilon=1e-5)"]
+    for _, forward_ms, both_ms, error in rows:
+        assert 0 < float(forward_ms) <= float(both_ms) and float(error) < 1e-5
+    assert "R26x0.5's 25 layers" in proc.stdout  # 8 units x 3 + the pre-head norm
