@@ -57,7 +57,7 @@ def positive_int(text):
 
 def parse_args(argv):
     """The options, with `arch` (the architecture of `--model`) added; bad values exit naming them."""
-    from bit_keras.strategy import STRATEGIES
+    from bit_keras.training.strategy import STRATEGIES
 
     p = argparse.ArgumentParser(
         description="Benchmark a bit_keras BiT model (and timm's, side by side).",
@@ -74,7 +74,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed batches first (the first one traces)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="Keras dtype policy (timm: torch.autocast)")
     p.add_argument("--xla", action="store_true", help="compile bit_keras's steps with XLA (jit_compile=True)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="bit_keras.strategy.make_strategy name")
+    p.add_argument(
+        "--strategy", choices=STRATEGIES, default="auto", help="bit_keras.training.strategy.make_strategy name"
+    )
     p.add_argument("--cpu_devices", type=positive_int, default=1, help="logical CPU devices (replicas of 'mirrored')")
     p.add_argument("--threads", type=positive_int, default=2, help="intra- and inter-op threads of TF and torch")
     p.add_argument("--peer", choices=PEERS, default="auto", help="auto: timm when installed")
@@ -98,7 +100,7 @@ def parse_args(argv):
 
 def architecture(name):
     """The architecture of a zoo name (`"BiT-M-R50x1"` -> `"R50x1"`); ValueError naming an unknown one."""
-    from bit_keras import zoo
+    from bit_keras.models import zoo
 
     arch = zoo.CHECKPOINTS[name].arch if name in zoo.CHECKPOINTS else name
     zoo.parse_architecture(arch)
@@ -321,7 +323,7 @@ def keras_threads(args):
 
 def keras_strategy(args):
     """The threads set, the `--strategy`."""
-    from bit_keras.strategy import make_strategy
+    from bit_keras.training.strategy import make_strategy
 
     keras_threads(args)
     return make_strategy(args.strategy)
@@ -329,7 +331,7 @@ def keras_strategy(args):
 
 def keras_model(args):
     """A randomly initialized bit_keras model of `args.arch` under the dtype policy, and its build seconds."""
-    from bit_keras import zoo
+    from bit_keras.models import zoo
 
     start = time.perf_counter()
     model = zoo.create_model(args.arch, num_classes=args.num_classes, dtype=args.dtype)
@@ -353,8 +355,8 @@ def keras_training(args):
     import keras
     import tensorflow as tf
 
-    from bit_keras import hyperrule
-    from bit_keras.trainer import Trainer
+    from bit_keras.training import hyperrule
+    from bit_keras.training.trainer import Trainer
 
     class StepEnds(keras.callbacks.Callback):
         """The time at the end of every training step, after waiting for its loss (TF runs steps asynchronously)."""
@@ -385,8 +387,8 @@ def keras_training(args):
 def conv_problems(args):
     """`(input shape NHWC, kernel shape HWIO, stride)` of every convolution of `args.arch` at the training
     batch and resolution, in model order."""
-    from bit_keras import zoo
-    from bit_keras.layers import PreActBottleneck
+    from bit_keras.models import zoo
+    from bit_keras.models.layers import PreActBottleneck
 
     size = args.train_resolution
     model = zoo.create_model(args.arch, num_classes=0, input_shape=(size, size, 3))
@@ -450,17 +452,18 @@ def median_ms(step, repeats, warmup):
 
 
 def keras_pipeline(args):
-    """Decoded + augmented images/s of `bit_keras.data.train_batches` (uncached) on a generated JPEG folder."""
+    """Decoded + augmented images/s of `bit_keras.data.pipeline.train_batches` (uncached) on a generated JPEG folder."""
     keras_threads(args)
     import tensorflow as tf
 
-    from bit_keras import data, hyperrule
+    from bit_keras.data import pipeline, sources
+    from bit_keras.training import hyperrule
 
     resize, crop = hyperrule.resolution(override=args.train_resolution)
     with tempfile.TemporaryDirectory() as folder:
         images = write_jpegs(folder, args.pipeline_images)
-        loaded = data.from_image_folder(folder, test_fraction=0.0)
-        batches = data.train_batches(loaded.train, resize, crop, args.train_batch, cache=False)
+        loaded = sources.from_image_folder(folder, test_fraction=0.0)
+        batches = pipeline.train_batches(loaded.train, resize, crop, args.train_batch, cache=False)
         options = tf.data.Options()
         options.threading.private_threadpool_size = args.threads
         iterator = iter(batches.with_options(options))
@@ -494,7 +497,7 @@ def keras_parity(args):
     keras_threads(args)
     import numpy as np
 
-    from bit_keras import zoo
+    from bit_keras.models import zoo
 
     reference = zoo.create_model(args.arch, num_classes=args.num_classes, dtype="float32")
     head = reference.get_layer("head")  # BiT heads start at zero: random ones give comparable logits
@@ -547,7 +550,7 @@ def timm_model(args, torch):
     from timm.layers import StdConv2d
     from timm.models.resnetv2 import ResNetV2
 
-    from bit_keras import zoo
+    from bit_keras.models import zoo
 
     units, width = zoo.parse_architecture(args.arch)
     model = ResNetV2(  # the arguments of timm's *_bit models
@@ -593,7 +596,7 @@ def timm_inference(args):
 
 
 def timm_training(args):
-    from bit_keras import hyperrule
+    from bit_keras.training import hyperrule
 
     torch, model, name, build_s = timm_built(args)
     model.train()
@@ -670,8 +673,12 @@ ROWS = (
     ("peak memory, inference, MB", "inference", "peak_rss_mb", "{:.0f}"),
     ("peak memory, training, MB", "training", "peak_rss_mb", "{:.0f}"),
     ("parameters, M", "inference", "params", "{:.2f}"),
-    ("training convolutions alone (forward + both backward passes, tf.nn.conv2d / torch conv2d), ms per step",
-     "convolutions", "step_ms", "{:.0f}"),
+    (
+        "training convolutions alone (forward + both backward passes, tf.nn.conv2d / torch conv2d), ms per step",
+        "convolutions",
+        "step_ms",
+        "{:.0f}",
+    ),
 )
 
 
@@ -699,7 +706,7 @@ def markdown(results):
     s, m, v = results["settings"], results["machine"], results["versions"]
     peer = s["peer"]
     ours, theirs = results["bit_keras"], results.get(peer, {}) if peer else {}
-    load = lambda values: "/".join(f"{x:.1f}" for x in values)  # noqa: E731
+    load = lambda values: "/".join(f"{x:.1f}" for x in values)
     lines = [
         f"## bit_keras benchmark: {s['arch']}, {s['dtype']}{', XLA' if s['xla'] else ''}",
         "",
@@ -723,9 +730,8 @@ def markdown(results):
         if task not in ours:
             continue
         mine, peers = ours[task], theirs.get(peer_task[0] if peer_task else task)
-        lines.append(
-            f"| {label} | {cell(mine, key, fmt)} | {cell(peers, key, fmt) if peer else '-'} | {ratio(mine, peers, key)} |"
-        )
+        theirs_cell = cell(peers, key, fmt) if peer else "-"
+        lines.append(f"| {label} | {cell(mine, key, fmt)} | {theirs_cell} | {ratio(mine, peers, key)} |")
     if "pipeline" in ours:
         lines.append(_pipeline_row(ours["pipeline"], ours.get("training")))
     if "parity" in ours:

@@ -15,8 +15,8 @@ from benchmark import median_ms, positive_int  # this folder's benchmark.py (set
 
 def gn_shapes(arch, batch, resolution):
     """`(batch, height, width, channels)` of every GroupNorm input of `arch`, in model order."""
-    from bit_keras import zoo
-    from bit_keras.layers import PreActBottleneck
+    from bit_keras.models import zoo
+    from bit_keras.models.layers import PreActBottleneck
 
     model = zoo.create_model(arch, num_classes=0, input_shape=(resolution, resolution, 3))
     shapes = []
@@ -54,10 +54,10 @@ def measure(layer_fn, shapes, repeats, warmup):
         layer.set_weights([gamma.astype(np.float32), beta.astype(np.float32)])
         upstream = tf.constant(rng.standard_normal(shape).astype(np.float32))
 
-        forward = tf.function(lambda: layer(x, training=True))
+        forward = tf.function(lambda layer=layer, x=x: layer(x, training=True))
 
         @tf.function
-        def both():
+        def both(layer=layer, x=x, upstream=upstream):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = layer(x, training=True)
@@ -65,13 +65,15 @@ def measure(layer_fn, shapes, repeats, warmup):
 
         expected = reference(x.numpy(), gamma, beta)
         worst = max(worst, float(np.abs(forward().numpy() - expected).max() / np.abs(expected).max()))
-        forward_ms += median_ms(lambda: forward().numpy(), repeats, warmup)
-        backward_ms += median_ms(lambda: [g.numpy() for g in both()], repeats, warmup)
+        forward_ms += median_ms(lambda forward=forward: forward().numpy(), repeats, warmup)
+        backward_ms += median_ms(lambda both=both: [g.numpy() for g in both()], repeats, warmup)
     return forward_ms, backward_ms, worst
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="R50x1", help="architecture whose GroupNorm shapes are timed")
     p.add_argument("--batch", type=positive_int, default=8, help="batch")
     p.add_argument("--resolution", type=positive_int, default=128, help="image size")
@@ -82,7 +84,7 @@ def main(argv=None):
     import keras
     import tensorflow as tf
 
-    from bit_keras.layers import GN_EPSILON, GroupNorm
+    from bit_keras.models.layers import GN_EPSILON, GroupNorm
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -96,8 +98,10 @@ def main(argv=None):
         "bit_keras GroupNorm(relu=True): one XLA kernel": lambda: GroupNorm(relu=True),
         "keras.layers.GroupNormalization(epsilon=1e-5) + ReLU": keras_layer,
     }
-    print(f"## GroupNorm + ReLU: {args.model}'s {len(shapes)} layers at batch {args.batch}, {args.resolution}px, "
-          f"{args.threads} threads (TensorFlow {tf.__version__}, Keras {keras.__version__})\n")
+    print(
+        f"## GroupNorm + ReLU: {args.model}'s {len(shapes)} layers at batch {args.batch}, {args.resolution}px, "
+        f"{args.threads} threads (TensorFlow {tf.__version__}, Keras {keras.__version__})\n"
+    )
     print("| | forward, ms | forward + backward, ms | max abs error / max output vs float64 |")
     print("|---|---|---|---|")
     for name, make in candidates.items():

@@ -1,6 +1,15 @@
-"""bit_keras: Big Transfer (BiT) for Keras 3 on TensorFlow."""
+"""bit_keras: Big Transfer (BiT) for Keras 3 on TensorFlow.
+
+The package is grouped by role: `models` (layers, the BiT model, the zoo, official checkpoints, the model
+resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and its recipes: fine-tuning
+and upstream pretraining), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`. The verbs
+and the model API are re-exported here.
+"""
 
 import os
+import sys
+
+from bit_keras.startup import quiet_native_stderr
 
 if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
     raise ImportError(
@@ -8,34 +17,51 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         "unset it or run with KERAS_BACKEND=tensorflow"
     )
 
-import keras  # noqa: E402
+if "tensorflow" in sys.modules:  # its start-up lines were printed already
+    import keras
+else:
+    with quiet_native_stderr():
+        import keras
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
         f"bit_keras needs the TensorFlow backend of Keras, but Keras uses {keras.backend.backend()!r} "
-        "(from ~/.keras/keras.json): run with KERAS_BACKEND=tensorflow or set \"backend\": \"tensorflow\" there"
+        '(from ~/.keras/keras.json): run with KERAS_BACKEND=tensorflow or set "backend": "tensorflow" there'
     )
 
-from bit_keras.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from bit_keras.download import DownloadError  # noqa: E402
-from bit_keras.layers import PreActBottleneck, StandardizedConv2D  # noqa: E402
-from bit_keras.model import BiT  # noqa: E402
-from bit_keras.saved_model_layer import SavedModelLayer  # noqa: E402
-from bit_keras.zoo import CHECKPOINTS, create_model, label_names, list_models, parameter_count  # noqa: E402
+from bit_keras.models.bit import BiT
+from bit_keras.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bit_keras.models.download import DownloadError
+from bit_keras.models.layers import PreActBottleneck, StandardizedConv2D
+from bit_keras.models.resolve import ResolvedModel, resolve_model
+from bit_keras.models.zoo import CHECKPOINTS, create_model, label_names, list_models, parameter_count
+from bit_keras.serving.export import export
+from bit_keras.serving.predict import predict
+from bit_keras.serving.saved_model_layer import SavedModelLayer
+from bit_keras.training.finetune import finetune
+from bit_keras.training.pretrain import pretrain
+from bit_keras.training.run_folder import RunResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "BiT",
     "CHECKPOINTS",
+    "BiT",
     "CheckpointError",
     "DownloadError",
     "PreActBottleneck",
+    "ResolvedModel",
+    "RunResult",
     "SavedModelLayer",
     "StandardizedConv2D",
     "create_model",
+    "export",
+    "finetune",
     "label_names",
     "list_models",
     "load_checkpoint",
     "parameter_count",
+    "predict",
+    "pretrain",
+    "resolve_model",
     "save_checkpoint",
 ]

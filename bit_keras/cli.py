@@ -5,15 +5,25 @@ import json
 import os
 import sys
 
+TRAINING_FLAGS = ("command", "func", "recipe", "quiet")  # parsed arguments that are not keyword arguments of the recipe
+
 
 def _models(args):
-    from bit_keras import zoo
+    from bit_keras.models import zoo
 
     rows = [("name", "architecture", "upstream data", "classes", "input", "params (M)", "labels")]
     for entry in zoo.CHECKPOINTS.values():
-        params = zoo.parameter_count(entry.arch, entry.num_classes) / 1e6
+        params = f"{zoo.parameter_count(entry.arch, entry.num_classes) / 1e6:.1f}"
         rows.append(
-            (entry.name, entry.arch, entry.upstream, str(entry.num_classes), str(entry.input_size), f"{params:.1f}", entry.labels)
+            (
+                entry.name,
+                entry.arch,
+                entry.upstream,
+                str(entry.num_classes),
+                str(entry.input_size),
+                params,
+                entry.labels,
+            )
         )
     if args.architectures:
         for arch in zoo.ARCHITECTURES:
@@ -26,37 +36,60 @@ def _models(args):
 
 
 def _convert(args):
-    import bit_keras
+    from bit_keras.models.resolve import resolve_model, save_model
 
     if not args.out.endswith(".keras"):
-        raise SystemExit(f"bit-keras convert: --out must end with .keras, got {args.out!r}")
+        raise ValueError(f"--out must end with .keras, got {args.out!r}")
     if os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"bit-keras convert: {args.out} exists (pass --overwrite to replace it)")
-    model = bit_keras.create_model(
-        args.model, weights=args.weights, num_classes=args.num_classes, cache_dir=args.cache_dir, dtype=args.dtype
+        raise ValueError(f"{args.out} exists (pass --overwrite to replace it)")
+    model = resolve_model(
+        args.model, weights=args.weights, num_classes=args.num_classes, dtype=args.dtype, cache_dir=args.cache_dir
+    ).model
+    save_model(model, args.out)
+    print(
+        f"wrote {args.out}: {model.name}, {model.count_params():,} parameters, {model.num_classes or 'no'} head classes"
     )
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(args.out)}.{os.getpid()}.keras")  # Keras wants .keras
-    try:
-        model.save(tmp)
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"wrote {args.out}: {model.name}, {model.count_params():,} parameters, {model.num_classes or 'no'} head classes")
 
 
-def _finetune(args):
-    from bit_keras.finetune import finetune
+def _train(args):
+    """`finetune` or `pretrain`: the parsed flags are the function's keyword arguments."""
+    options = {k: v for k, v in vars(args).items() if k not in TRAINING_FLAGS}
+    args.recipe(**options, verbose=0 if args.quiet else 1)
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
-    finetune(**options, verbose=0 if args.quiet else 1)
+
+def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution):
+    """The flags of every training subcommand (`bit_keras.training.engine.RunOptions`); the arguments are the
+    `(default, help)` of those whose default depends on the recipe (`dataset`: its help only)."""
+    from bit_keras.training.strategy import STRATEGIES
+
+    p.add_argument(
+        "--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: from data and model)"
+    )
+    p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
+    p.add_argument(
+        "--dataset", default=None, help=f"tensorflow-datasets name {dataset} or a bundled one (digits, mnist5k)"
+    )
+    p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
+    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
+    p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
+    p.add_argument("--train_split", default="train", help="tfds training split (default: train)")
+    p.add_argument("--test_split", default="test", help="tfds test (held-out) split (default: test)")
+    p.add_argument("--batch", type=int, default=batch[0], help=f"global batch ({batch[1]})")
+    p.add_argument("--batch_split", type=int, default=1, help="micro-batches per replica batch (same update)")
+    p.add_argument("--base_lr", type=float, default=base_lr[0], help=base_lr[1])
+    p.add_argument("--eval_every", type=int, default=eval_every[0], help=eval_every[1])
+    p.add_argument("--resolution", type=int, default=resolution[0], help=resolution[1])
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)")
+    p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
+    p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
+    p.add_argument("--xla", action="store_true", help="compile the train step with XLA (not with Mirrored on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order, augmentation and MixUp")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors (the run's train.log has everything)")
 
 
 def _add_finetune(sub):
-    from bit_keras.finetune import EMBEDDED, TRAINABLE_FROM
-    from bit_keras.strategy import STRATEGIES
+    from bit_keras.training.finetune import EMBEDDED, TRAINABLE_FROM, finetune
 
     embedded = ", ".join(f"{k} {v}" for k, v in EMBEDDED.items())
     p = sub.add_parser(
@@ -66,103 +99,86 @@ def _add_finetune(sub):
         f"Without --dataset or --image_folder: scikit-learn's bundled digits, offline, with {embedded} "
         "(each overridable).",
     )
-    # The official big_transfer flags.
-    p.add_argument("--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: DATA-MODEL)")
     p.add_argument(
-        "--model", default=None, help="checkpoint name (default BiT-M-R50x1), official .npz path/URL, or architecture (from scratch)"
+        "--model",
+        default=None,
+        help="checkpoint name (default BiT-M-R50x1), official .npz path/URL, architecture (from scratch), "
+        ".keras file or run folder",
     )
-    p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
-    p.add_argument("--dataset", default=None, help="tensorflow-datasets name (e.g. cifar10) or a bundled one (digits, mnist5k)")
+    _add_run_flags(
+        p,
+        dataset="(e.g. cifar10)",
+        batch=(None, "HyperRule: 512"),
+        base_lr=(None, "learning rate at batch 512 (HyperRule: 0.003)"),
+        eval_every=(None, "evaluate and checkpoint every N steps (default: a tenth of the run)"),
+        resolution=(None, "crop size, replacing the HyperRule's"),
+    )
     p.add_argument("--examples_per_class", type=int, default=None, help="few-shot: K training examples per class")
     p.add_argument("--examples_per_class_seed", type=int, default=0, help="seed of the few-shot draw")
-    p.add_argument("--batch", type=int, default=None, help="global batch (HyperRule: 512)")
-    p.add_argument("--batch_split", type=int, default=1, help="micro-batches per replica batch (same update)")
-    p.add_argument("--base_lr", type=float, default=None, help="learning rate at batch 512 (HyperRule: 0.003)")
-    p.add_argument("--eval_every", type=int, default=None, help="evaluate and checkpoint every N steps")
     p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
-    # Ours.
-    p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
-    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
-    p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
-    p.add_argument("--train_split", default="train", help="tfds training split (default: train)")
-    p.add_argument("--test_split", default="test", help="tfds test split (default: test)")
     p.add_argument("--dataset_size", type=int, default=None, help="training-set size for the HyperRule")
-    p.add_argument("--resolution", type=int, default=None, help="crop size, replacing the HyperRule's")
     p.add_argument("--steps", type=int, default=None, help="total steps (the schedule scaled to fit)")
     p.add_argument("--mixup_alpha", type=float, default=None, help="MixUp alpha, replacing the HyperRule's")
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)")
-    p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
-    p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
-    p.add_argument("--xla", action="store_true", help="compile the train step with XLA (not with Mirrored on CPU)")
     p.add_argument("--freeze_backbone", action="store_true", help="train only the head (a linear probe)")
     p.add_argument("--trainable_from", choices=TRAINABLE_FROM, default=None, help="freeze everything before this")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and MixUp")
     p.add_argument("--cache_dir", default=None, help="download cache directory")
-    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_finetune)
-
-
-def _pretrain(args):
-    from bit_keras.pretrain import pretrain
-
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet")}
-    pretrain(**options, verbose=0 if args.quiet else 1)
+    p.set_defaults(func=_train, recipe=finetune)
 
 
 def _add_pretrain(sub):
-    from bit_keras import upstream
-    from bit_keras.strategy import STRATEGIES
+    from bit_keras.models.layers import NORMALIZATIONS
+    from bit_keras.training import upstream
+    from bit_keras.training.pretrain import pretrain
 
     p = sub.add_parser("pretrain", help="pretrain a BiT architecture from scratch with the paper's upstream recipe")
-    p.add_argument("--dataset", default=None, help="tensorflow-datasets name (e.g. imagenet2012) or a bundled one (mnist5k)")
-    p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
     p.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1 or R26x0.5 (default R50x1)")
-    p.add_argument("--name", default=None, help="run name: the run folder is LOGDIR/NAME")
-    p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
-    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
-    p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
-    p.add_argument("--train_split", default="train", help="tfds training split")
-    p.add_argument("--test_split", default="test", help="tfds held-out split")
+    _add_run_flags(
+        p,
+        dataset="(e.g. imagenet2012)",
+        batch=(upstream.BATCH, f"default {upstream.BATCH}"),
+        base_lr=(upstream.BASE_LR, f"lr per 256 examples (default {upstream.BASE_LR})"),
+        eval_every=(None, "evaluate and checkpoint every N steps (default: an epoch)"),
+        resolution=(224, "training crop and evaluation size (default 224)"),
+    )
     p.add_argument("--preset", choices=sorted(upstream.PRESETS), default="bit-m", help="epochs and decays")
-    p.add_argument("--batch", type=int, default=upstream.BATCH, help="global batch (default 4096)")
-    p.add_argument("--batch_split", type=int, default=1, help="micro-batches per replica batch")
-    p.add_argument("--base_lr", type=float, default=upstream.BASE_LR, help="lr per 256 examples (default 0.03)")
     p.add_argument("--epochs", type=int, default=None, help="replace the preset's epochs")
     p.add_argument("--decay_epochs", type=int, nargs="+", default=None, help="replace the preset's decay epochs")
     p.add_argument("--warmup_steps", type=int, default=None, help="default: 5000 steps of batch 4096, rescaled")
     p.add_argument("--weight_decay", type=float, default=upstream.WEIGHT_DECAY, help="L2 on kernels (default 1e-4)")
-    p.add_argument("--resolution", type=int, default=224, help="training crop and evaluation size (default 224)")
-    p.add_argument("--eval_every", type=int, default=None, help="evaluate and checkpoint every N steps (default: epoch)")
-    p.add_argument("--normalization", choices=("group", "batch"), default="group", help="group (BiT) or batch")
-    p.add_argument("--no_weight_standardization", dest="weight_standardization", action="store_false",
-                   help="plain convolutions (the paper's ablation)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)")
-    p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
-    p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
-    p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and augmentation")
-    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_pretrain)
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="group", help="group (BiT) or batch")
+    p.add_argument(
+        "--no_weight_standardization",
+        dest="weight_standardization",
+        action="store_false",
+        help="plain convolutions (the paper's ablation)",
+    )
+    p.set_defaults(func=_train, recipe=pretrain)
 
 
 def _export(args):
-    from bit_keras import export as export_lib
+    from bit_keras.models.resolve import resolve_model
+    from bit_keras.serving.export import export
 
-    source = export_lib.load_source(args.model, args.weights, args.run, args.labels, args.image_size, args.cache_dir)
-    kind = args.kind or ("classification" if source.model.num_classes else "feature_vector")
-    out = args.out or os.path.join("exports", source.name, kind)
-    if kind == "classification" and source.class_names is None:
-        raise ValueError(f"no class names for {source.name}: pass --labels FILE (one name per line)")
-    out = export_lib.export(
-        source.model, out, kind, source.class_names, source.image_size, top_k=args.top_k, overwrite=args.overwrite
+    if (args.run is None) == (args.model is None):
+        raise ValueError("give exactly one of --model (a name, .npz or .keras file) and --run (a run folder)")
+    source = resolve_model(
+        args.run or args.model,
+        weights=args.weights,
+        labels=args.labels,
+        image_size=args.image_size,
+        cache_dir=args.cache_dir,
     )
+    kind = args.kind or ("classification" if source.model.num_classes else "feature_vector")
+    class_names = source.class_names if kind == "classification" else None  # read (or downloaded) only when needed
+    if kind == "classification" and class_names is None:
+        raise ValueError(f"no class names for {source.name}: pass --labels FILE (one name per line)")
+    out = args.out or os.path.join("exports", source.name, kind)
+    out = export(source.model, out, kind, class_names, source.image_size, top_k=args.top_k, overwrite=args.overwrite)
     print(f"wrote {out}: {kind} export of {source.name}")
 
 
 def _predict(args):
-    from bit_keras.predict import predict
+    from bit_keras.serving.predict import predict
 
     results = predict(args.model, args.images, args.top_k, args.labels, args.image_size, args.cache_dir)
     if args.json:
@@ -175,7 +191,7 @@ def _predict(args):
             print(f"  {rank}. {p['label']:<{width}}  {p['probability']:.4f}  (class {p['class']})")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bit-keras", description="Big Transfer (BiT) for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -202,8 +218,12 @@ def build_parser():
     export.add_argument("--model", default=None, help="checkpoint name, architecture, .npz, or .keras file")
     export.add_argument("--run", default=None, help="a bit-keras finetune run folder (instead of --model)")
     export.add_argument("--weights", default=None, help="an .npz path or URL for --model (default: pretrained)")
-    export.add_argument("--kind", choices=("feature_vector", "classification"), default=None,
-                        help="default: classification when the model has a head")
+    export.add_argument(
+        "--kind",
+        choices=("feature_vector", "classification"),
+        default=None,
+        help="default: classification when the model has a head",
+    )
     export.add_argument("--out", default=None, help="output directory (default: exports/NAME/KIND)")
     export.add_argument("--labels", default=None, help="class names file, one per line (classification)")
     export.add_argument("--image_size", type=int, default=None, help="side the bytes signature resizes images to")
@@ -224,17 +244,17 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "convert" and args.weights is None:
-        from bit_keras.zoo import CHECKPOINTS
-
-        args.weights = "pretrained" if args.model in CHECKPOINTS else None
     import tensorflow as tf
 
+    from bit_keras.startup import quiet_native_stderr
+
+    with quiet_native_stderr():
+        tf.config.list_logical_devices()  # TensorFlow's device start-up lines (a failed cuInit on CPU hosts)
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError) as err:  # CheckpointError, DownloadError, FileNotFoundError, a missing extra
+    except (ValueError, OSError, ImportError) as err:  # CheckpointError, DownloadError, FileNotFoundError, an extra
         print(f"bit-keras {args.command}: {err}", file=sys.stderr)
         return 1
     except tf.errors.OpError as err:  # e.g. an image whose body does not decode, met during training

@@ -19,7 +19,9 @@ import numpy as np
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pretrained", default="BiT-R14x0.5-mnist5k", help="a zoo name or an official-layout .npz file")
+    parser.add_argument(
+        "--pretrained", default="BiT-R14x0.5-mnist5k", help="a zoo name or an official-layout .npz file"
+    )
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrained_lrs", type=float, nargs="+", default=None, help="base lrs of the pretrained runs")
@@ -28,10 +30,10 @@ def main():
     parser.add_argument("--out", default="few_shot.md")
     args = parser.parse_args()
 
-    from bit_keras import checkpoint
-    from bit_keras.finetune import EMBEDDED, finetune
-    from bit_keras.hyperrule import BASE_LR
-    from bit_keras.zoo import BLOCK_UNITS, CHECKPOINTS
+    from bit_keras.models import checkpoint
+    from bit_keras.models.zoo import BLOCK_UNITS, CHECKPOINTS
+    from bit_keras.training.finetune import EMBEDDED, finetune
+    from bit_keras.training.hyperrule import BASE_LR
 
     if args.pretrained in CHECKPOINTS:
         architecture = CHECKPOINTS[args.pretrained].arch
@@ -62,7 +64,11 @@ def main():
                 accuracies[i].append(result.metrics["test_accuracy"])
                 print(f"{shots:>2}-shot seed {seed} {column}: {result.metrics['test_accuracy']:.4f}", flush=True)
         rows.append(f"| {shots} | " + " | ".join(_mean_std(a) for a in accuracies) + " |")
-    table = ["| examples per class | " + " | ".join(column for column, _, _ in runs) + " |", "|---" * (len(runs) + 1) + "|", *rows]
+    table = [
+        "| examples per class | " + " | ".join(column for column, _, _ in runs) + " |",
+        "|---" * (len(runs) + 1) + "|",
+        *rows,
+    ]
     text = "\n".join(table) + f"\n\nTest accuracy on the embedded digits, mean ± std over seeds {args.seeds}.\n"
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)

@@ -25,7 +25,9 @@ def digits():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("export", help="a feature_vector export (or a classification export with --member feature_vector)")
+    parser.add_argument(
+        "export", help="a feature_vector export (or a classification export with --member feature_vector)"
+    )
     parser.add_argument("--member", default=None, help="a Reusable object inside the export, e.g. feature_vector")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train_examples", type=int, default=600)

@@ -29,12 +29,12 @@ def main():
 
     cpu = tf.config.list_physical_devices("CPU")[0]  # before any op: split the CPU into logical devices
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-    from bit_keras import data
-    from bit_keras.pretrain import pretrain
-    from bit_keras.strategy import make_strategy
+    from bit_keras.data import sources
+    from bit_keras.training.pretrain import pretrain
+    from bit_keras.training.strategy import make_strategy
 
     strategy = make_strategy("mirrored")
-    digits = data.embedded_digits()
+    digits = sources.embedded_digits()
     batch = args.per_replica_batch * strategy.num_replicas_in_sync
     results = {}
     for label, normalization, ws in (("GroupNorm + WS (BiT)", "group", True), ("BatchNorm", "batch", False)):

@@ -4,11 +4,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-from tests.official_npz import random_checkpoint, write_npz  # noqa: E402
-from tests.reference_bit import reference_forward  # noqa: E402
+from tests.official_npz import random_checkpoint, write_npz
+from tests.reference_bit import reference_forward
 
 R50 = (3, 4, 6, 3)
 

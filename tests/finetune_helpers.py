@@ -22,12 +22,12 @@ def stripes(n_per_class, size=8, seed=0, classes=3):
 
 
 def stripes_data(n_train=8, n_test=4, classes=3):
-    from bit_keras import data
+    from bit_keras.data import sources
 
     x, y = stripes(n_train, seed=0, classes=classes)
     x_test, y_test = stripes(n_test, seed=1, classes=classes)
     names = CLASSES if classes == 3 else [f"class{c}" for c in range(classes)]
-    return data.from_arrays(x, y, x_test, y_test, class_names=names, name="stripes")
+    return sources.from_arrays(x, y, x_test, y_test, class_names=names, name="stripes")
 
 
 def write_image_folder(root, n_per_class=8, size=8):

@@ -3,6 +3,7 @@
 Written from /work/shared/bit-reference.md only; does not import tensorflow, keras or bit_keras.
 Keys use the official prefix ``resnet/``; conv kernels are HWIO; everything is float32.
 """
+
 import numpy as np
 
 PREFIX = "resnet/"
@@ -11,7 +12,7 @@ PREFIX = "resnet/"
 def _channels(width):
     """Root channels, per-block mid channels (blocks 1..4) and pre-logits channels for a width multiplier."""
     root = int(64 * width)
-    mids = [root * 2 ** b for b in range(4)]  # mid of block b (1-based) = int(64w) * 2**(b-1)
+    mids = [root * 2**b for b in range(4)]  # mid of block b (1-based) = int(64w) * 2**(b-1)
     return root, mids, 4 * mids[-1]  # pre-logits = 4 * mid of block 4 == int(2048w)
 
 

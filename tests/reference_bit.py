@@ -4,6 +4,7 @@ This is what the tests check bit_keras against, so it is written from /work/shar
 and must not import tensorflow, keras or bit_keras. Params use the official ``.npz`` layout (``resnet/`` keys,
 HWIO kernels); images are NHWC in [0, 1].
 """
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -54,8 +55,7 @@ def relu(x):
     return np.maximum(x, 0.0)
 
 
-def reference_forward(params, images, block_units=(3, 4, 6, 3), width=1, groups=32, gn_eps=1e-5,
-                      ws_eps=1e-10):
+def reference_forward(params, images, block_units=(3, 4, 6, 3), width=1, groups=32, gn_eps=1e-5, ws_eps=1e-10):
     """BiT forward pass in float64. Returns stem, block1..block4, pre_logits and (if a head exists) logits.
 
     ``width`` is accepted for symmetry with the model constructors; channel counts come from the params.
@@ -88,6 +88,7 @@ def reference_forward(params, images, block_units=(3, 4, 6, 3), width=1, groups=
     x = relu(gn(x, P + "group_norm"))
     out["pre_logits"] = x.mean(axis=(1, 2))  # global average pool
     if P + "head/conv2d/kernel" in params:  # 1x1 conv with bias == dense on pooled vector
-        out["logits"] = (out["pre_logits"] @ np.asarray(params[P + "head/conv2d/kernel"], np.float64)[0, 0]
-                         + np.asarray(params[P + "head/conv2d/bias"], np.float64))
+        out["logits"] = out["pre_logits"] @ np.asarray(params[P + "head/conv2d/kernel"], np.float64)[0, 0] + np.asarray(
+            params[P + "head/conv2d/bias"], np.float64
+        )
     return out

@@ -11,10 +11,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a minute of benchmarking: CI's slow step
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
-TINY = (
-    "--model R26x0.5 --resolution 32 --train_resolution 32 --batch 2 --train_batch 2 --repeats 2 --steps 1 "
-    "--warmup 1 --pipeline_images 20 --peer none"
-).split()
+TINY = ["--model", "R26x0.5", "--resolution", "32", "--train_resolution", "32", "--batch", "2", "--train_batch", "2"]
+TINY += ["--repeats", "2", "--steps", "1", "--warmup", "1", "--pipeline_images", "20", "--peer", "none"]
 
 
 def run(*args, timeout=240):
@@ -35,7 +33,7 @@ def test_tiny_run_writes_table_and_json(tmp_path):
         assert len(ours[task]["images_per_s_reps"]) == 2
         assert ours[task]["peak_rss_mb"] > 100, task  # TensorFlow alone takes more
     assert ours["training"]["first_step_s"] > 0
-    assert ours["inference"]["params"] == 4517768  # bit_keras.zoo.parameter_count("R26x0.5", 1000)
+    assert ours["inference"]["params"] == 4517768  # bit_keras.models.zoo.parameter_count("R26x0.5", 1000)
     assert (ours["pipeline"]["resize"], ours["pipeline"]["crop"]) == (34, 32)  # the HyperRule's ratio at crop 32
     assert results["settings"]["arch"] == "R26x0.5" and results["settings"]["peer"] is None
     assert results["machine"]["logical_cpus"] >= 1 and results["versions"]["tensorflow"]
@@ -54,7 +52,18 @@ def test_unknown_model_is_named():
 def test_group_norm_script_times_both_layers():
     script = SCRIPT.parent / "group_norm.py"
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    command = [sys.executable, str(script), "--model", "R26x0.5", "--resolution", "32", "--batch", "2", "--repeats", "1"]
+    command = [
+        sys.executable,
+        str(script),
+        "--model",
+        "R26x0.5",
+        "--resolution",
+        "32",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]

@@ -1,13 +1,14 @@
 """The official .npz layout: exact key mapping, strict loading (no half-loaded model), saving."""
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
 
 import bit_keras
-from bit_keras.checkpoint import CheckpointError, layout, load_checkpoint, read_npz, save_checkpoint
-from bit_keras.model import BiT
+from bit_keras.models.bit import BiT
+from bit_keras.models.checkpoint import CheckpointError, layout, load_checkpoint, read_npz, save_checkpoint
 from tests.official_npz import official_shapes, random_checkpoint, write_npz
 
 SMALL_UNITS = (2, 2, 2, 2)
@@ -89,8 +90,10 @@ BAD = {
         lambda p: _drop(p, "resnet/block2/unit02/b/group_norm/gamma"),
         "missing key 'resnet/block2/unit02/b/group_norm/gamma'",
     ),
-    "extra key": (lambda p: {**p, "resnet/block5/unit01/a/group_norm/gamma": np.ones(3, np.float32)},
-                  "unexpected key 'resnet/block5/unit01/a/group_norm/gamma'"),
+    "extra key": (
+        lambda p: {**p, "resnet/block5/unit01/a/group_norm/gamma": np.ones(3, np.float32)},
+        "unexpected key 'resnet/block5/unit01/a/group_norm/gamma'",
+    ),
     "wrong shape": (
         lambda p: {**p, "resnet/block3/unit01/a/group_norm/gamma": np.ones(64, np.float32)},
         r"key 'resnet/block3/unit01/a/group_norm/gamma' has shape \(64,\), the model expects \(256,\)",
@@ -120,7 +123,7 @@ def test_bad_checkpoint_is_refused_and_model_untouched(case, small_model, small_
 @pytest.mark.parametrize("content", ["truncated", "text"])
 def test_unreadable_files_give_one_line_errors(content, small_npz, tmp_path):
     path = tmp_path / "broken.npz"
-    data = open(small_npz, "rb").read()
+    data = pathlib.Path(small_npz).read_bytes()
     path.write_bytes(data[: len(data) // 2] if content == "truncated" else b"not a checkpoint\n")
     with pytest.raises(CheckpointError, match="not a readable .npz checkpoint") as info:
         bit_keras.create_model("R26x0.5", weights=str(path))

@@ -46,7 +46,10 @@ def _env(cache):
 def run_all(commands, cwd, cache):
     """Run the argv lists concurrently; returns their CompletedProcess objects in order."""
     procs = [
-        (cmd, subprocess.Popen(cmd, cwd=cwd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        (
+            cmd,
+            subprocess.Popen(cmd, cwd=cwd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        )
         for cmd in commands
     ]
     results = []
@@ -88,7 +91,7 @@ def workdir(tmp_path_factory):
 
 
 def test_models_table(workdir):
-    from bit_keras import zoo
+    from bit_keras.models import zoo
 
     plain, with_archs = run_all([cli("models"), cli("models", "--architectures")], workdir, workdir / "cache")
     assert plain.returncode == 0, plain.stderr
@@ -158,7 +161,12 @@ def test_convert_round_trip_in_fresh_process(converted, small_images, small_refe
     (result,) = run_all([[str(c) for c in cmd]], workdir, workdir / "cache")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info[str(converted["model"])] == {"class": "BiT", "num_classes": 10, "block_units": [2, 2, 2, 2], "width": 0.5}
+    assert info[str(converted["model"])] == {
+        "class": "BiT",
+        "num_classes": 10,
+        "block_units": [2, 2, 2, 2],
+        "width": 0.5,
+    }
     assert info[str(converted["features"])]["num_classes"] == 0
     assert_close(np.load(out / "out0.npy"), small_reference["logits"])
     features = np.load(out / "out1.npy")

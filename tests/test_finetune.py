@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
-from bit_keras import data, finetune as finetune_lib
-from bit_keras.finetune import finetune
-from bit_keras.layers import portable_ops
-from bit_keras.trainer import MomentumSGD, Trainer
+from bit_keras.data import pipeline
+from bit_keras.models.layers import portable_ops
+from bit_keras.training.finetune import finetune
+from bit_keras.training.run_folder import RunFolder
+from bit_keras.training.trainer import MomentumSGD, Trainer
 from tests.finetune_helpers import CLASSES, stripes_data, weights_of, write_image_folder
 
 pytestmark = pytest.mark.timeout(600)
@@ -62,8 +63,15 @@ def test_learns_and_new_head_is_zero(small_npz, tmp_path):
     before = bit_keras.create_model(small_npz, num_classes=3)
     assert not np.any(before.get_layer("head").kernel.numpy())
     result = finetune(
-        data=stripes_data(n_train=16), model=small_npz, logdir=str(tmp_path), resolution=16, batch=16, steps=20,
-        eval_every=10, base_lr=0.5, verbose=0,
+        data=stripes_data(n_train=16),
+        model=small_npz,
+        logdir=str(tmp_path),
+        resolution=16,
+        batch=16,
+        steps=20,
+        eval_every=10,
+        base_lr=0.5,
+        verbose=0,
     )
     evals = result.metrics["evals"]
     assert evals[-1]["train_loss"] < 0.5 * np.log(3)
@@ -83,7 +91,7 @@ def _trainer(model_path, split, lr=1e-3):
 @pytest.mark.parametrize("ops,steps", [("portable", 4), ("fused", 2)])
 def test_batch_split_equals_unsplit(small_npz, ops, steps):
     d = stripes_data()
-    batches = data.train_batches(d.train, 17, 16, batch_size=8, seed=0, num_classes=3, mixup_alpha=0.2, steps=steps)
+    batches = pipeline.train_batches(d.train, 17, 16, batch_size=8, seed=0, num_classes=3, mixup_alpha=0.2, steps=steps)
     finals = {}
     for split in (1, 4):
         trainer = _trainer(small_npz, split)
@@ -189,13 +197,17 @@ def test_tfds_mock_data(tmp_path):
     assert len((tmp_path / "cifar10-R26x0.5" / "class_names.txt").read_text().split()) == 10
 
 
-def test_dataset_size_flag_and_log(tmp_path, capsys, small_npz):
+def test_dataset_size_flag_and_log(tmp_path, caplog, small_npz):
     """A given dataset size drives the HyperRule (MixUp from 20k examples on), and the log says so."""
     result = finetune(
-        data=stripes_data(), model=small_npz, logdir=str(tmp_path), dataset_size=30_000, examples_per_class=4,
+        data=stripes_data(),
+        model=small_npz,
+        logdir=str(tmp_path),
+        dataset_size=30_000,
+        examples_per_class=4,
         **{**FAST, "verbose": 1},
     )
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "dataset_size=30,000 (given)" in out and "MixUp alpha 0.1" in out
     assert "scaled by batch/512: 0.003 x 8/512" in out
     assert "12 training examples (few-shot)" in out and result.metrics["num_train"] == 12
@@ -245,13 +257,15 @@ def test_checkpoint_of_another_class_count(small_npz, tmp_path, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt("stopped before finishing")
 
-    monkeypatch.setattr(finetune_lib.RunFolder, "finish", crash)
+    monkeypatch.setattr(RunFolder, "finish", crash)
     with pytest.raises(KeyboardInterrupt):
         finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
     monkeypatch.undo()
     checkpoint = tmp_path / "run" / "checkpoint"
     assert (checkpoint / "state.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
-    with pytest.raises(ValueError, match=f"{checkpoint}: the checkpoint there was written for another run.*class_names"):
+    with pytest.raises(
+        ValueError, match=f"{checkpoint}: the checkpoint there was written for another run.*class_names"
+    ):
         finetune(data=stripes_data(classes=4), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
     assert not (tmp_path / "run" / "metrics.json").exists()
     # The same data resumes it: nothing is left to train, so it only finishes.

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import bit_keras
-
 from tests.finetune_helpers import ROOT, write_image_folder
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env
 
@@ -27,8 +26,8 @@ import tensorflow as tf
 if {devices} > 1:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * {devices})
-from bit_keras.finetune import finetune
-from bit_keras.strategy import make_strategy
+from bit_keras.training.finetune import finetune
+from bit_keras.training.strategy import make_strategy
 from tests.finetune_helpers import stripes_data, weights_of
 strategy = make_strategy({strategy!r})  # before any TensorFlow op, as multi-worker collectives need
 result = finetune(
@@ -128,7 +127,7 @@ def run_two_workers(code, tmp_path):
 
 
 def test_multi_worker_two_processes(small_npz, tmp_path):
-    code = lambda index: RUN.format(  # noqa: E731
+    code = lambda index: RUN.format(
         devices=1, npz=small_npz, logdir=str(tmp_path / "runs"), strategy="auto", out=str(tmp_path / f"w{index}.npz")
     )
     metrics = run_two_workers(code, tmp_path)
@@ -140,7 +139,12 @@ def test_multi_worker_two_processes(small_npz, tmp_path):
 
 def _cli(args, cwd, cache, command="finetune"):
     return subprocess.Popen(
-        [*BIT_KERAS, command, *args], cwd=cwd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*BIT_KERAS, command, *args],
+        cwd=cwd,
+        env=_env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -188,9 +192,12 @@ def test_cli_bad_input(tmp_path):
         "unknown_dataset": (["--dataset", "no_such_dataset"], "unknown tensorflow-datasets dataset 'no_such_dataset'"),
         "broken_image": (["--image_folder", str(folder)], f"{folder / 'top' / 'broken.png'}: not a readable"),
     }
-    procs = {name: _cli([*args, "--logdir", str(tmp_path / name)], tmp_path, tmp_path / "cache") for name, (args, _) in cases.items()}
+    procs = {
+        name: _cli([*args, "--logdir", str(tmp_path / name)], tmp_path, tmp_path / "cache")
+        for name, (args, _) in cases.items()
+    }
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=200)
+        _, err = proc.communicate(timeout=200)
         lines = [line for line in err.splitlines() if not TF_NOISE.match(line)]
         assert proc.returncode == 1, err[-2000:]
         assert len(lines) == 1 and lines[0].startswith("bit-keras finetune: ") and cases[name][1] in lines[0], lines

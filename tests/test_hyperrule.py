@@ -1,13 +1,14 @@
 """Tests for bit_keras.hyperrule against a plain-Python transcription of the official bit_hyperrule.py."""
 
 import dataclasses
+import itertools
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from bit_keras import hyperrule as hr
+from bit_keras.training import hyperrule as hr
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,8 +135,17 @@ def test_lr_scaling():
 
 def test_describe():
     text = hr.hyperrule(50_000, dataset="cifar10").describe()
-    for part in ("50,000 training examples", "128px crops", "resized to 160px", "10000 steps of batch 512",
-                 "warmup over 500 steps", "3000, 6000, 9000", "momentum 0.9", "lr 0.003;", "MixUp alpha 0.1"):
+    for part in (
+        "50,000 training examples",
+        "128px crops",
+        "resized to 160px",
+        "10000 steps of batch 512",
+        "warmup over 500 steps",
+        "3000, 6000, 9000",
+        "momentum 0.9",
+        "lr 0.003;",
+        "MixUp alpha 0.1",
+    ):
         assert part in text, (part, text)
     assert "scaled" not in text and "rescaled" not in text
     small = hr.hyperrule(3_680, dataset="oxford_iiit_pet", steps=1000).describe()
@@ -167,7 +177,7 @@ def test_steps_override_stays_valid(size):
     for steps in range(5, 3000, 7):
         supports = hr.hyperrule(size, image_size=32, steps=steps).supports
         assert supports[0] >= 1 and supports[-1] == steps
-        assert all(a < b for a, b in zip(supports, supports[1:])), (steps, supports)
+        assert all(a < b for a, b in itertools.pairwise(supports)), (steps, supports)
 
 
 def test_steps_override_too_short():
@@ -194,8 +204,21 @@ def test_schedule_matches_official(size):
 
 def test_schedule_values():
     schedule = hr.HyperRuleSchedule(0.003, SMALL)
-    expected = {0: 0.0, 50: 0.0015, 99: 0.00297, 100: 0.003, 200: 0.003, 201: 3e-4, 300: 3e-4, 301: 3e-5,
-                400: 3e-5, 401: 3e-6, 499: 3e-6, 500: 3e-6, 20_000: 3e-6}
+    expected = {
+        0: 0.0,
+        50: 0.0015,
+        99: 0.00297,
+        100: 0.003,
+        200: 0.003,
+        201: 3e-4,
+        300: 3e-4,
+        301: 3e-5,
+        400: 3e-5,
+        401: 3e-6,
+        499: 3e-6,
+        500: 3e-6,
+        20_000: 3e-6,
+    }
     for step, lr in expected.items():
         assert float(schedule(step)) == pytest.approx(lr, rel=1e-6, abs=0), step
     assert schedule(tf.constant(7, tf.int64)).dtype == tf.float32

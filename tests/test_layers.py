@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bit_keras.layers import GN_EPSILON, WS_EPSILON, GroupNorm, PreActBottleneck, StandardizedConv2D, portable_ops
+from bit_keras.models.layers import (
+    GN_EPSILON,
+    WS_EPSILON,
+    GroupNorm,
+    PreActBottleneck,
+    StandardizedConv2D,
+    portable_ops,
+)
 from tests.reference_bit import conv2d, group_norm, standardize
 
 
@@ -30,7 +37,10 @@ def test_fused_and_portable_standardization_agree(offset):
     kernel = tf.constant((0.05 * rng.standard_normal((3, 3, 8, 16)) + offset).astype(np.float32))
     upstream = tf.constant(rng.standard_normal(kernel.shape).astype(np.float32))
     expected = standardize(kernel.numpy(), WS_EPSILON)
-    mean, std = expected.mean(axis=(0, 1, 2)), np.sqrt(kernel.numpy().astype(np.float64).var(axis=(0, 1, 2)) + WS_EPSILON)
+    mean, std = (
+        expected.mean(axis=(0, 1, 2)),
+        np.sqrt(kernel.numpy().astype(np.float64).var(axis=(0, 1, 2)) + WS_EPSILON),
+    )
     g = upstream.numpy().astype(np.float64)  # d/dk of sum(g * standardize(k)), closed form
     expected_grad = (g - g.mean(axis=(0, 1, 2)) - expected * (g * expected).mean(axis=(0, 1, 2))) / std
     assert np.abs(mean).max() < 1e-12
@@ -112,8 +122,11 @@ def test_bottleneck_matches_numpy_unit():
     unit = PreActBottleneck(32, strides=2)
     unit.build(x.shape)
     for weight in unit.weights:
-        weight.assign(rng.uniform(0.2, 1.0, weight.shape).astype(np.float32) if "gamma" in weight.path
-                      else 0.05 * rng.standard_normal(weight.shape).astype(np.float32))
+        weight.assign(
+            rng.uniform(0.2, 1.0, weight.shape).astype(np.float32)
+            if "gamma" in weight.path
+            else 0.05 * rng.standard_normal(weight.shape).astype(np.float32)
+        )
     w = {v.path.split("/", 1)[1]: np.asarray(v, np.float64) for v in unit.weights}
     xd = x.astype(np.float64)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bit_keras.mixup import mixup, sample_beta
+from bit_keras.data.mixup import mixup, sample_beta
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ def check_mixed(images, labels, mixed_images, mixed_labels):
 
 def ks_statistic(a, b):
     grid = np.sort(np.concatenate([a, b]))
-    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
     return np.max(np.abs(cdf(a) - cdf(b)))
 
 
@@ -107,7 +107,7 @@ def test_in_dataset_map(batch):
     data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(BATCH)
     lambdas = []
     for i, (x, y) in enumerate(data.map(lambda x, y: mixup(x, y, 1.0))):
-        lambdas.append(check_mixed(images[i * BATCH:(i + 1) * BATCH], labels[i * BATCH:(i + 1) * BATCH], x, y))
+        lambdas.append(check_mixed(images[i * BATCH : (i + 1) * BATCH], labels[i * BATCH : (i + 1) * BATCH], x, y))
     assert len(lambdas) == 4 and len(set(lambdas)) == 4
     # seeded per batch from its index: repeatable across epochs
     seeded = data.enumerate().map(lambda i, b: mixup(*b, 0.1, seed=tf.stack([i, tf.constant(5, tf.int64)])))

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
-from bit_keras.model import BiT
+from bit_keras.models.bit import BiT
 from tests.reference_bit import reference_forward
 
 SMALL = dict(block_units=(2, 2, 2, 2), width=0.5)
@@ -89,7 +89,9 @@ def test_fold_weight_standardization(small, small_params):
     kernel = small.get_layer("block2_unit01").conv_b.kernel.numpy()  # the original keeps its raw kernels
     assert np.abs(kernel.mean(axis=(0, 1, 2))).max() > 1e-3
     assert folded.fold_weight_standardization() is folded
-    mixed = bit_keras.load_checkpoint(bit_keras.create_model("R26x0.5", num_classes=10, dtype="mixed_bfloat16"), small_params)
+    mixed = bit_keras.load_checkpoint(
+        bit_keras.create_model("R26x0.5", num_classes=10, dtype="mixed_bfloat16"), small_params
+    )
     mixed_folded = mixed.fold_weight_standardization()
     assert mixed_folded.get_layer("block1_unit01").compute_dtype == "bfloat16"
     reference = np.asarray(small(x))
@@ -159,7 +161,9 @@ def test_invalid_arguments(kwargs, message):
 
 def test_other_backend_fails_at_import_with_fix():
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    result = subprocess.run([sys.executable, "-c", "import bit_keras"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", "import bit_keras"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     assert "KERAS_BACKEND=tensorflow" in result.stderr.strip().splitlines()[-1]
 

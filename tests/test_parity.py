@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import bit_keras
-from bit_keras.layers import GroupNorm, StandardizedConv2D
+from bit_keras.models.layers import GroupNorm, StandardizedConv2D
 from tests.reference_bit import reference_forward
 
 # Issue #2: within 5e-5 of the largest |logit|; float32 noise is ~1e-5 of it, a GN eps of 1e-3 ~1.7e-4.
@@ -29,7 +29,8 @@ def errors(model, extractor, params, x):
     out["logits"] = np.asarray(model(x))
     scale = np.abs(ref["logits"]).max()
     return {
-        name: np.abs(out[name] - ref[name]).max() / (scale if name in ("logits", "pre_logits") else np.abs(ref[name]).max())
+        name: np.abs(out[name] - ref[name]).max()
+        / (scale if name in ("logits", "pre_logits") else np.abs(ref[name]).max())
         for name in ref
     }
 

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
-from bit_keras import data
-from bit_keras.pretrain import pretrain
+from bit_keras.data import pipeline, sources
+from bit_keras.training.pretrain import pretrain
 from tests.finetune_helpers import stripes_data
 
 pytestmark = pytest.mark.timeout(600)
@@ -33,8 +33,10 @@ def test_pretrain_run_and_checkpoint(tmp_path):
 
 def test_multi_label_data_trains_with_sigmoid(tmp_path):
     d = stripes_data(n_train=8)
-    multi_hot = lambda x, y: (x, tf.one_hot(y, 3) + tf.one_hot((y + 1) % 3, 3))  # noqa: E731  two positives each
-    d = data.Data(d.train.map(multi_hot), d.test.map(multi_hot), d.class_names, d.num_train, "arrays", (8, 8), "pairs")
+    multi_hot = lambda x, y: (x, tf.one_hot(y, 3) + tf.one_hot((y + 1) % 3, 3))
+    d = sources.Data(
+        d.train.map(multi_hot), d.test.map(multi_hot), d.class_names, d.num_train, "arrays", (8, 8), "pairs"
+    )
     result = pretrain(data=d, logdir=str(tmp_path), **SHORT)
     assert result.metrics["loss"] == "sigmoid" and result.metrics["metric"] == "precision_at_1"
     assert 0 <= result.metrics["test_accuracy"] <= 1
@@ -51,11 +53,11 @@ def test_batchnorm_ablation_model(tmp_path):
 def test_upstream_preprocessing():
     image = np.random.default_rng(1).integers(0, 255, size=(40, 60, 3)).astype(np.uint8)
     ds = tf.data.Dataset.from_tensors((image, np.int64(0)))
-    batches = data.train_batches(ds, 24, 24, batch_size=16, seed=0, inception_crop=True, steps=2)
+    batches = pipeline.train_batches(ds, 24, 24, batch_size=16, seed=0, inception_crop=True, steps=2)
     x = np.concatenate([b.numpy() for b, _ in batches])
-    assert x.shape == (32, 24, 24, 3) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (32, 24, 24, 3) and x.min() >= 0 and x.max() <= 1
     assert len({round(float(v), 4) for v in x.mean(axis=(1, 2, 3))}) > 16  # boxes of varying area and place
-    (center, _), = data.eval_batches(ds, 24, batch_size=1, center_crop=True)
+    ((center, _),) = pipeline.eval_batches(ds, 24, batch_size=1, center_crop=True)
     # Shorter side 40 -> 24 / 0.875 = 27.43 -> 27, longer 60 -> 41; the central 24x24 of that.
     resized = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (27, 41))
     np.testing.assert_allclose(center[0], resized[1:25, 8:32], atol=1e-6)

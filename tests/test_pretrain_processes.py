@@ -1,4 +1,5 @@
-"""Upstream pretraining across processes: 2-worker MultiWorkerMirroredStrategy on 127.0.0.1, exact resume after SIGKILL."""
+"""Upstream pretraining across processes: 2-worker MultiWorkerMirroredStrategy on 127.0.0.1, exact resume after
+SIGKILL."""
 
 import pytest
 
@@ -10,8 +11,8 @@ pytestmark = pytest.mark.timeout(600)
 RUN = """
 import json
 import numpy as np
-from bit_keras.pretrain import pretrain
-from bit_keras.strategy import make_strategy
+from bit_keras.training.pretrain import pretrain
+from bit_keras.training.strategy import make_strategy
 from tests.finetune_helpers import stripes_data, weights_of
 strategy = make_strategy("auto")  # MultiWorkerMirroredStrategy from TF_CONFIG, before any TensorFlow op
 result = pretrain(
@@ -24,7 +25,9 @@ print("METRICS", json.dumps(result.metrics))
 
 
 def test_multi_worker_pretraining_two_processes(tmp_path):
-    metrics = run_two_workers(lambda i: RUN.format(logdir=str(tmp_path / "runs"), out=str(tmp_path / f"w{i}.npz")), tmp_path)
+    metrics = run_two_workers(
+        lambda i: RUN.format(logdir=str(tmp_path / "runs"), out=str(tmp_path / f"w{i}.npz")), tmp_path
+    )
     assert metrics[0]["steps"] == 6
     assert (tmp_path / "runs" / "run" / "checkpoint.npz").exists()
 
@@ -49,7 +52,10 @@ def test_normalization_ablation_example(tmp_path):
     script = os.path.join(ROOT, "examples", "normalization_ablation.py")
     proc = subprocess.run(
         [sys.executable, script, "--epochs", "1", "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.png")],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "test accuracy" in line]
@@ -66,9 +72,26 @@ def test_few_shot_table_example(small_npz, tmp_path):
     from tests.finetune_helpers import ROOT
 
     script = os.path.join(ROOT, "examples", "few_shot_table.py")
-    args = ["--pretrained", small_npz, "--shots", "1", "2", "--seeds", "0", "--steps", "10", "--out", str(tmp_path / "t.md")]
-    proc = subprocess.run([sys.executable, script, *args, "--logdir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    args = [
+        "--pretrained",
+        small_npz,
+        "--shots",
+        "1",
+        "2",
+        "--seeds",
+        "0",
+        "--steps",
+        "10",
+        "--out",
+        str(tmp_path / "t.md"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, script, *args, "--logdir", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "t.md").read_text().splitlines()
     assert table[0] == (

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import bit_keras
-from bit_keras import data, zoo
+from bit_keras.data import pipeline, sources
+from bit_keras.models import zoo
 from tests.official_npz import official_shapes
 from tests.reference_bit import reference_forward
 
@@ -41,9 +42,9 @@ def test_loads_through_create_model_and_matches_the_reference():
 
 
 def test_still_classifies_its_upstream_test_split():
-    mnist = data.embedded_mnist()
+    mnist = sources.embedded_mnist()
     model = bit_keras.create_model(NAME, weights="pretrained")
-    test = data.eval_batches(mnist.test, ENTRY.input_size, 100, center_crop=True)  # the pretraining's evaluation
+    test = pipeline.eval_batches(mnist.test, ENTRY.input_size, 100, center_crop=True)  # the pretraining's evaluation
     labels = np.concatenate([y for _, y in test.as_numpy_iterator()])
     predictions = model.predict(test, verbose=0).argmax(-1)
     assert len(labels) == 500

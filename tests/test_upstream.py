@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
-from bit_keras import upstream
-from bit_keras.trainer import Trainer, loss_for_labels
+from bit_keras.training import upstream
+from bit_keras.training.trainer import Trainer, loss_for_labels
 
 
 def test_bit_m_schedule_at_the_boundaries():
@@ -16,8 +16,16 @@ def test_bit_m_schedule_at_the_boundaries():
     assert rule.lr == pytest.approx(0.48) and rule.boundaries == [9360, 18720, 24960]
     lr = rule.learning_rate_schedule()
     expected = {
-        0: 0.0, 2500: 0.24, 4999: 0.48 * 4999 / 5000, 5000: 0.48, 9359: 0.48, 9360: 0.048, 18719: 0.048,
-        18720: 0.0048, 24960: 0.00048, 28079: 0.00048,
+        0: 0.0,
+        2500: 0.24,
+        4999: 0.48 * 4999 / 5000,
+        5000: 0.48,
+        9359: 0.48,
+        9360: 0.048,
+        18719: 0.048,
+        18720: 0.0048,
+        24960: 0.00048,
+        28079: 0.00048,
     }
     for step, value in expected.items():
         assert float(lr(step)) == pytest.approx(value, rel=1e-6), step
@@ -65,7 +73,9 @@ def test_weight_decay_on_exactly_the_kernels(small_npz):
     images, targets = _batch()
     l2 = sum(float(np.sum(w.numpy() ** 2)) / 2 for w in decayed.decayed)
     logits = model(images)
-    assert float(decayed._loss(targets, logits)) == pytest.approx(float(plain._loss(targets, logits)) + 1e-2 * l2, rel=1e-5)
+    assert float(decayed._loss(targets, logits)) == pytest.approx(
+        float(plain._loss(targets, logits)) + 1e-2 * l2, rel=1e-5
+    )
     variables = model.trainable_variables
     for trainer in (plain, decayed):
         trainer.compile(optimizer=keras.optimizers.SGD(0.1))

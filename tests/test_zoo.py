@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import bit_keras
-from bit_keras import download, zoo
+from bit_keras.models import download, zoo
 from tests.official_npz import write_npz
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,7 +49,13 @@ def test_registry_names_and_urls():
     assert bit_keras.CHECKPOINTS is zoo.CHECKPOINTS
     for name, (arch, classes, url, labels) in expected.items():
         entry = zoo.CHECKPOINTS[name]
-        assert (entry.name, entry.arch, entry.num_classes, entry.url, entry.labels) == (name, arch, classes, url, labels)
+        assert (entry.name, entry.arch, entry.num_classes, entry.url, entry.labels) == (
+            name,
+            arch,
+            classes,
+            url,
+            labels,
+        )
         assert (entry.block_units, entry.width) == zoo.parse_architecture(arch)
     assert zoo.CHECKPOINTS["BiT-R50x1-distilled-160"].input_size == 160
     assert zoo.CHECKPOINTS["BiT-R50x1-distilled-224"].input_size == 224
@@ -97,7 +103,9 @@ def test_parse_architecture_rejects_unknown(bad):
         zoo.create_model(bad, num_classes=0)
 
 
-@pytest.mark.parametrize("arch, classes", [("R14x0.5", 10), ("R26x0.5", 0), ("R26x0.5", 10), ("R50x1", 0), ("R50x1", 1000)])
+@pytest.mark.parametrize(
+    "arch, classes", [("R14x0.5", 10), ("R26x0.5", 0), ("R26x0.5", 10), ("R50x1", 0), ("R50x1", 1000)]
+)
 def test_parameter_count_matches_model(arch, classes):
     model = zoo.create_model(arch, num_classes=classes)
     assert zoo.parameter_count(arch, classes) == model.count_params()
@@ -193,7 +201,9 @@ def test_pretrained_needs_a_checkpoint_name():
         zoo.create_model("R26x0.5", weights="pretrained")
 
 
-def test_pretrained_downloads_registry_url_once(served_checkpoint, http_server, tmp_path, small_images, small_reference):
+def test_pretrained_downloads_registry_url_once(
+    served_checkpoint, http_server, tmp_path, small_images, small_reference
+):
     cache = str(tmp_path / "cache")
     model = zoo.create_model(served_checkpoint.name, weights="pretrained", cache_dir=cache, progress=False)
     path = "/bit_models/BiT-T-R26x0.5.npz"
@@ -249,9 +259,17 @@ def test_label_names(http_server, monkeypatch, tmp_path):
         zoo.LABEL_SOURCES, "imagenet21k", http_server.add("/bit_models/imagenet21k_wordnet_lemmas.txt", lemmas.encode())
     )
     cache = str(tmp_path / "cache")
-    assert bit_keras.label_names("BiT-S-R50x1", cache_dir=cache, progress=False) == ["tench", "goldfish", "great_white_shark"]
+    assert bit_keras.label_names("BiT-S-R50x1", cache_dir=cache, progress=False) == [
+        "tench",
+        "goldfish",
+        "great_white_shark",
+    ]
     assert zoo.label_names("BiT-M-R50x1-ILSVRC2012", cache_dir=cache, progress=False)[1] == "goldfish"
-    assert zoo.label_names("BiT-M-R50x1", cache_dir=cache, progress=False) == ["organism, being", "benthos", "heterotroph"]
+    assert zoo.label_names("BiT-M-R50x1", cache_dir=cache, progress=False) == [
+        "organism, being",
+        "benthos",
+        "heterotroph",
+    ]
     assert zoo.label_names("imagenet21k", cache_dir=cache, progress=False)[-1] == "heterotroph"
     assert http_server.counts["/data/imagenet_class_index.json"] == 1
     assert http_server.counts["/bit_models/imagenet21k_wordnet_lemmas.txt"] == 1

@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 
-from bit_keras.layers import GroupNorm, StandardizedConv2D
+from bit_keras.models.layers import GroupNorm, StandardizedConv2D
 
 PREFIX = "resnet/"
 HEAD_KEYS = (PREFIX + "head/conv2d/kernel", PREFIX + "head/conv2d/bias")
@@ -133,9 +133,7 @@ def load_checkpoint(model, path_or_arrays, skip_head=False, source=None):
     for key, var, shape in entries:
         array = arrays[key]
         if tuple(array.shape) != shape:
-            raise CheckpointError(
-                f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects {shape}"
-            )
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects {shape}")
         if not np.issubdtype(array.dtype, np.floating):
             raise CheckpointError(f"{source}: key {key!r} has dtype {array.dtype}, expected floating point")
         values.append((var, array.reshape(var.shape)))

@@ -3,7 +3,14 @@
 import keras
 from keras import layers
 
-from bit_keras.layers import GN_GROUPS, NORMALIZATIONS, PreActBottleneck, conv_layer, norm_relu_layer, portable_ops
+from bit_keras.models.layers import (
+    GN_GROUPS,
+    NORMALIZATIONS,
+    PreActBottleneck,
+    conv_layer,
+    norm_relu_layer,
+    portable_ops,
+)
 
 FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
 
@@ -101,9 +108,11 @@ class BiT(keras.Model):
             raise ValueError(f"unknown feature names {unknown}; choose from {FEATURE_NAMES}")
         return keras.Model(self.input, {n: self.pyramid_outputs[n] for n in names}, name=f"{self.name}_features")
 
-    def with_new_head(self, num_classes):
-        """A copy of this model with a new zero-initialized head of `num_classes` (0: pooled features)."""
-        model = BiT.from_config({**self.get_config(), "num_classes": num_classes})
+    def with_new_head(self, num_classes: int, dtype: str | None = None) -> "BiT":
+        """A copy of this model with a new zero-initialized head of `num_classes` (0: pooled features), computing
+        in `dtype` (a dtype policy name) when given."""
+        overrides = {"num_classes": num_classes} | ({"dtype": dtype} if dtype is not None else {})
+        model = BiT.from_config({**self.get_config(), **overrides})
         for layer in self.layers:
             if layer.name != "head" and layer.weights:
                 model.get_layer(layer.name).set_weights(layer.get_weights())
@@ -113,9 +122,9 @@ class BiT(keras.Model):
         """A copy for inference whose plain convolutions hold the standardized kernels (this model when it
         has no weight standardization).
 
-        Same outputs, without standardizing every kernel on every call: on 2 CPU cores R50x1 predicts
-        1.2-1.5x faster at batch 1 and 1.07x at batch 16 (`benchmarks/benchmark.py`, the folded row). Train
-        the original, not the copy: its kernels would not be standardized again after an update.
+        Same outputs, without standardizing every kernel on every call (faster inference at small batches; the
+        README's performance section has the numbers). Train the original, not the copy: its kernels would not
+        be standardized again after an update.
         """
         if not self.weight_standardization:
             return self

@@ -19,10 +19,7 @@ def make_strategy(name="auto", tpu=None):
     - "multi_worker": `MultiWorkerMirroredStrategy`, the cluster and this task read from `TF_CONFIG`.
     - "tpu": `TPUStrategy` on the TPU at `tpu` (a name or grpc:// address; "local" for a TPU VM).
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
-    if tpu and name not in ("auto", "tpu"):
-        raise ValueError(f"a TPU address is for the tpu strategy, not {name!r}")
+    check_strategy(name, tpu)
     if name == "auto":
         if tpu:
             name = "tpu"
@@ -45,6 +42,14 @@ def make_strategy(name="auto", tpu=None):
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def check_strategy(name, tpu=None):
+    """A one-line error for a strategy name `make_strategy` does not know, or a TPU address given to another."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
+    if tpu and name not in ("auto", "tpu"):
+        raise ValueError(f"a TPU address is for the tpu strategy, not {name!r}")
 
 
 def cluster_size():
@@ -72,4 +77,6 @@ def is_chief(strategy):
         return True
     resolver = strategy.cluster_resolver
     task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs)
+    return task_type == "chief" or (
+        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+    )

@@ -55,8 +55,8 @@ class StandardizedConv2D(layers.Conv2D):
         kernel = tf.cast(kernel, tf.float32)
         if _fused_standardization():
             # Training-mode FusedBatchNorm of a (1, h*w, in, out) view is this standardization in one op each
-            # way (CPU: two-pass, biased variance, eps inside the sqrt): R50x1's forward + backward of all
-            # kernels takes 59 ms instead of 115. Centred first, as XLA lowers it with a one-pass variance.
+            # way (CPU: two-pass, biased variance, eps inside the sqrt), about twice as fast as plain ops.
+            # Centred first, as XLA lowers it with a one-pass variance.
             kernel -= tf.stop_gradient(tf.reduce_mean(kernel, axis=(0, 1, 2), keepdims=True))
             h, w, inputs, outputs = kernel.shape
             standardized, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -113,8 +113,8 @@ class GroupNorm(layers.Layer):
         return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon, "relu": self.relu}
 
 
-# One XLA kernel: as plain TF ops each step is a pass over memory, and GroupNorm + ReLU took ~40% of R50x1's
-# inference time on 2 CPU cores (benchmarks/benchmark.py); fused, inference is 25-39% faster, training 25%.
+# One XLA kernel: as plain TF ops each step is a pass over memory, and GroupNorm + ReLU dominated R50x1's
+# inference time (the README's performance section measures the fusion).
 @tf.function(jit_compile=True)
 def _group_norm(inputs, gamma, beta, groups, epsilon, relu, dtype):
     """GroupNorm (then ReLU) of channels-last `inputs`, statistics and affine step in float32 (16-bit sums

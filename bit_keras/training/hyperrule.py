@@ -5,6 +5,7 @@ for batches other than 512 and a Keras learning-rate schedule.
 """
 
 import dataclasses
+import itertools
 import numbers
 
 import keras
@@ -95,7 +96,7 @@ class HyperRuleSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, base_lr, supports):
         supports = [int(s) for s in supports]
-        if not supports or supports[0] < 1 or any(a >= b for a, b in zip(supports, supports[1:])):
+        if not supports or supports[0] < 1 or any(a >= b for a, b in itertools.pairwise(supports)):
             raise ValueError(f"supports must be positive and strictly increasing, got {supports}")
         self.base_lr = float(base_lr)
         self.supports = supports

@@ -1,7 +1,8 @@
-"""A training run's folder: its configuration, exact-resume checkpoints, evaluations, final model and metrics.
+"""A training run's folder: its configuration, exact-resume checkpoints, log, final model and metrics.
 
     LOGDIR/NAME/
       run.json            what the run trains (checked on resume)
+      train.log           the run's log (a resumed run appends to it)
       checkpoint/         latest training state: step-S.weights.h5 (model + optimizer) and state.json
       tensorboard/        TensorBoard logs
       model.keras         the final model          \
@@ -16,16 +17,15 @@ half-written file, and only a finished run has `metrics.json`.
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 
 import keras
-import tensorflow as tf
 
-CONFIG, STATE, METRICS = "run.json", "state.json", "metrics.json"
+from bit_keras.models.resolve import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, save_model
+
+CONFIG, STATE, LOG = "run.json", "state.json", "train.log"
 
 
 @dataclasses.dataclass
@@ -46,10 +46,11 @@ class RunFolder:
         self.chief = chief
         self.checkpoint_dir = os.path.join(self.path, "checkpoint")
         self.tensorboard_dir = os.path.join(self.path, "tensorboard")
-        self.model_path = os.path.join(self.path, "model.keras")
-        self.classes_path = os.path.join(self.path, "class_names.txt")
+        self.model_path = os.path.join(self.path, MODEL_FILE)
+        self.classes_path = os.path.join(self.path, CLASS_NAMES_FILE)
         self.plot_path = os.path.join(self.path, "curves.png")
-        self.metrics_path = os.path.join(self.path, METRICS)
+        self.metrics_path = os.path.join(self.path, METRICS_FILE)
+        self.log_path = os.path.join(self.path, LOG)
 
     def finished(self):
         return os.path.exists(self.metrics_path)
@@ -58,7 +59,7 @@ class RunFolder:
         """Before anything is written: clear it on `overwrite`, refuse a finished run, refuse resuming a
         checkpoint of another configuration."""
         if overwrite and self.chief:
-            files = ("model.keras", "class_names.txt", "curves.png", "checkpoint.npz", METRICS)
+            files = (MODEL_FILE, CLASS_NAMES_FILE, "curves.png", "checkpoint.npz", METRICS_FILE, LOG)
             for entry in (CONFIG, "checkpoint", "tensorboard", *files):
                 path = os.path.join(self.path, entry)
                 if os.path.isdir(path):
@@ -119,9 +120,7 @@ class RunFolder:
 
     def finish(self, model, class_names, metrics):
         """Write the final model, class names, curves and, last, `metrics.json`."""
-        tmp = os.path.join(self.path, f".model.{os.getpid()}.keras")
-        model.save(tmp)
-        os.replace(tmp, self.model_path)
+        save_model(model, self.model_path)
         self._write_text(self.classes_path, "".join(f"{name}\n" for name in class_names))
         plot_curves(metrics, self.plot_path)
         self._write_json(self.metrics_path, metrics)
@@ -135,102 +134,6 @@ class RunFolder:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-
-
-class RunCallback(keras.callbacks.Callback):
-    """Evaluates (through `fit`'s validation data), checkpoints and stops a run of `total_steps`.
-
-    At every epoch end (every `eval_every` steps) it appends `{step, test_accuracy, test_loss,
-    train_loss, train_accuracy, learning_rate}` to `evals` (accuracies are precision@1 for multi-label data), adds `learning_rate` to the logs (list it
-    before TensorBoard), and saves the checkpoint. Training throughput is timed without evaluation.
-    """
-
-    def __init__(self, run, total_steps, batch_size, state=None):
-        super().__init__()
-        state = state or {}
-        self.run = run
-        self.total_steps = total_steps
-        self.batch_size = batch_size
-        self.evals = list(state.get("evals", []))
-        self.wall_s = state.get("wall_s", 0.0)  # of earlier sessions of this run
-        self.train_s = state.get("train_s", 0.0)
-        self.trained_images = state.get("trained_images", 0)
-
-    def on_train_begin(self, logs=None):
-        self._session_start = time.perf_counter()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
-        self._epoch_first_step = self._step()
-        self._epoch_train_s = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._step() >= self.total_steps:
-            self.model.stop_training = True
-
-    def on_test_begin(self, logs=None):
-        if self._epoch_train_s is None:  # fit's validation, not a separate evaluate()
-            self._epoch_train_s = time.perf_counter() - self._epoch_start
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        step = self._step()
-        self.train_s += self._epoch_train_s or (time.perf_counter() - self._epoch_start)
-        self.trained_images += (step - self._epoch_first_step) * self.batch_size
-        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        logs["learning_rate"] = learning_rate
-        metric = self.model.accuracy.name  # "accuracy", or "precision_at_1" for multi-label data
-        entry = {"step": step, "test_accuracy": float(logs[f"val_{metric}"]), "test_loss": float(logs["val_loss"])}
-        entry.update(train_loss=float(logs["loss"]), train_accuracy=float(logs[metric]), learning_rate=learning_rate)
-        self.evals.append(entry)
-        self.run.save(self.model, self.state(step))
-
-    def state(self, step):
-        return {
-            "step": step,
-            "evals": self.evals,
-            "wall_s": self.wall_s + time.perf_counter() - self._session_start,
-            "train_s": self.train_s,
-            "trained_images": self.trained_images,
-        }
-
-    def _step(self):
-        return int(self.model.optimizer.iterations.numpy())
-
-
-def fit(run, trainer, batches, test, total_steps, eval_every, batch, state=None, verbose=1, files=()):
-    """Train `trainer` to `total_steps` on `batches(start_step)`, evaluating on `test` and checkpointing into
-    `run` every `eval_every` steps; resumes from `state` (`RunFolder.restore`). Returns the final state.
-
-    A decode error met in training is turned into a ValueError naming the undecodable ones of `files`.
-    """
-    from bit_keras.data import undecodable
-
-    start_step = state["step"] if state else 0
-    if start_step >= total_steps:
-        return state
-    callback = RunCallback(run, total_steps, batch, state)
-    try:
-        trainer.fit(
-            batches(start_step),
-            epochs=math.ceil(total_steps / eval_every),
-            initial_epoch=start_step // eval_every,
-            steps_per_epoch=eval_every,
-            validation_data=test,
-            shuffle=False,  # the batches come shuffled
-            callbacks=[callback, keras.callbacks.TensorBoard(run.tensorboard_dir)],
-            verbose=verbose,
-        )
-    except tf.errors.InvalidArgumentError as err:
-        bad = undecodable(files) if files else []
-        if bad:
-            more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
-            raise ValueError(f"{bad[0]}: the image does not decode{more}; fix or remove it, then rerun") from err
-        raise
-    state = callback.state(total_steps)
-    if state["evals"][-1]["step"] != total_steps:
-        raise RuntimeError(f"training stopped at step {state['evals'][-1]['step']} of {total_steps}")
-    return state
 
 
 def plot_curves(metrics, path):
@@ -249,7 +152,9 @@ def plot_curves(metrics, path):
     loss_ax.legend()
     acc_ax.plot(steps, [e["train_accuracy"] for e in evals], marker="o", label="train (against the targets' argmax)")
     acc_ax.plot(steps, [e["test_accuracy"] for e in evals], marker="o", label="test")
-    acc_ax.set(xlabel="step", ylabel="top-1 accuracy", title=f"test accuracy {metrics['test_accuracy']:.4f}", ylim=(0, 1))
+    acc_ax.set(
+        xlabel="step", ylabel="top-1 accuracy", title=f"test accuracy {metrics['test_accuracy']:.4f}", ylim=(0, 1)
+    )
     acc_ax.legend()
     fig.suptitle(metrics.get("name", ""))
     fig.tight_layout()

@@ -18,23 +18,29 @@ object (`hub.KerasLayer(hub.load(path).feature_vector, trainable=True)`, or
 `SavedModelLayer(path, member="feature_vector")`), so any classifier can be re-headed.
 """
 
-import dataclasses
-import json
 import os
 import shutil
 
 import keras
 import tensorflow as tf
 
-from bit_keras.data import decode_and_resize
-from bit_keras.layers import portable_ops
+from bit_keras.data.pipeline import decode_and_resize
+from bit_keras.models.layers import portable_ops
 
 KINDS = ("feature_vector", "classification")
 IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 LABELS_ASSET = "labels.txt"
 
 
-def export(model, out, kind="feature_vector", class_names=None, image_size=None, top_k=5, overwrite=False):
+def export(
+    model: keras.Model,
+    out: str | os.PathLike,
+    kind: str = "feature_vector",
+    class_names: list[str] | None = None,
+    image_size: int | None = None,
+    top_k: int = 5,
+    overwrite: bool = False,
+) -> str:
     """Write `model` (a `bit_keras.BiT`) as a Reusable SavedModel directory at `out`; returns `out`.
 
     `kind="feature_vector"` exports the pooled pre-logits (any head is dropped); `"classification"`
@@ -86,7 +92,9 @@ def export(model, out, kind="feature_vector", class_names=None, image_size=None,
                     ),
                     default_value="",
                 )
-                signatures["serving_bytes"] = _serving_bytes(net, root.labels, int(image_size), min(top_k, model.num_classes))
+                signatures["serving_bytes"] = _serving_bytes(
+                    net, root.labels, int(image_size), min(top_k, model.num_classes)
+                )
             tf.saved_model.save(root, tmp, signatures=signatures)
         _replace_dir(tmp, out)
     finally:
@@ -148,68 +156,3 @@ def _replace_dir(src, dst):
         shutil.rmtree(old)
     else:
         os.replace(src, dst)
-
-
-@dataclasses.dataclass
-class Source:
-    """A model to export or predict with, and what a classifier needs beside it."""
-
-    model: keras.Model
-    name: str
-    class_names: list | None  # None: unknown
-    image_size: int | None  # the side classifiers resize images to; None: unknown
-
-
-def load_source(model=None, weights=None, run=None, labels=None, image_size=None, cache_dir=None):
-    """Resolve what `bit-keras export` / `predict` were given into a `Source`.
-
-    - `run`: a `bit-keras finetune` run folder (its model.keras, class_names.txt and evaluation crop);
-    - `model`: a `.keras` file (class names from `labels` or a class_names.txt beside it, the size
-      from `image_size` or a metrics.json beside it), a zoo checkpoint name (pretrained, or `weights`;
-      its label names and input size), an architecture with `weights`, or an official `.npz`.
-    `labels` (a file with one class name per line) and `image_size` override what is found.
-    """
-    from bit_keras import zoo
-
-    if (run is None) == (model is None):
-        raise ValueError("give exactly one of a model (name, .keras or .npz file) and a run folder")
-    found_labels = found_size = None
-    if run is not None:
-        path = os.path.join(run, "model.keras")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{run} is not a finished fine-tuning run: {path} does not exist")
-        model, weights = path, None
-    model = str(model)
-    if model.endswith(".keras"):
-        if weights is not None:
-            raise ValueError(f"{model} holds its weights already: leave --weights out")
-        if not os.path.exists(model):
-            raise FileNotFoundError(f"{model} does not exist")
-        net = keras.saving.load_model(model)
-        folder = os.path.dirname(os.path.abspath(model))
-        beside = os.path.join(folder, "class_names.txt")
-        found_labels = read_labels(beside) if os.path.exists(beside) else None
-        metrics = os.path.join(folder, "metrics.json")
-        if os.path.exists(metrics):
-            with open(metrics, encoding="utf-8") as f:
-                found_size = json.load(f)["hyperrule"]["crop"]
-        name = os.path.basename(folder) if run is not None else os.path.basename(model).removesuffix(".keras")
-    else:
-        entry = zoo.CHECKPOINTS.get(model)
-        if entry is not None and weights is None:
-            weights = "pretrained"
-        net = zoo.create_model(model, weights=weights, cache_dir=cache_dir)
-        if entry is not None:
-            found_labels = zoo.label_names(model, cache_dir=cache_dir) if net.num_classes else None
-            found_size = entry.input_size
-        name = net.name
-    class_names = read_labels(labels) if labels else found_labels
-    if class_names is not None and net.num_classes and len(class_names) != net.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model of {net.num_classes} classes")
-    return Source(net, name, class_names, image_size or found_size)
-
-
-def read_labels(path):
-    """Class names, one per line (empty lines ignored)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]

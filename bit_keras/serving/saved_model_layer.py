@@ -29,7 +29,9 @@ class SavedModelLayer(keras.layers.Layer):
             if not hasattr(self.module, member):
                 raise ValueError(f"{self.handle} has no member {member!r}")
             self.module = getattr(self.module, member)
-        missing = [a for a in ("variables", "trainable_variables", "regularization_losses") if not hasattr(self.module, a)]
+        missing = [
+            a for a in ("variables", "trainable_variables", "regularization_losses") if not hasattr(self.module, a)
+        ]
         if missing or not callable(self.module):
             what = ", ".join(missing) or "__call__"
             raise ValueError(f"{self.handle} is not a Reusable SavedModel (no {what}); see bit_keras.export")

@@ -50,11 +50,7 @@ def cached_path(url, cache_dir=None):
     if parsed.port is not None:
         host = f"{host}_{parsed.port}"
     parts = [p for p in urllib.parse.unquote(parsed.path).split("/") if p]
-    if (
-        host in ("", ".", "..")
-        or not parts
-        or any(p in (".", "..") or "\\" in p for p in parts)
-    ):
+    if host in ("", ".", "..") or not parts or any(p in (".", "..") or "\\" in p for p in parts):
         raise ValueError(f"{url!r} does not map to a file inside the cache directory")
     return os.path.join(cache_dir or default_cache_dir(), host, *parts)
 
@@ -108,8 +104,7 @@ def _is_remote(scheme):
 def _copy_chunks(read, out, total, progress, desc):
     """Copy ``read(CHUNK_SIZE)`` chunks to ``out`` until EOF; return the byte count."""
     size = 0
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=desc, disable=not progress) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress) as bar:
         while chunk := read(CHUNK_SIZE):
             out.write(chunk)
             size += len(chunk)

@@ -5,14 +5,16 @@ import json
 import os
 import re
 
-from bit_keras import checkpoint, download
-from bit_keras.model import BiT, channels
+from bit_keras.models import checkpoint, download
+from bit_keras.models.bit import BiT, channels
 
 BUCKET = "https://storage.googleapis.com/bit_models"
 BLOCK_UNITS = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 ARCHITECTURES = ("R14x0.5", "R26x0.5", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 ARCH_PATTERN = re.compile(r"R(\d+)x(\d+(?:\.\d+)?)")
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # checkpoints shipped in the package
+WEIGHTS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights"
+)  # checkpoints shipped in the package
 
 LABEL_SOURCES = {
     # Keras' ImageNet class index (wordnet id, name) as used by keras.applications.
@@ -48,8 +50,12 @@ class Checkpoint:
 def _registry():
     entries = []
     for arch in ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"):
-        entries.append(Checkpoint(f"BiT-S-{arch}", arch, "ILSVRC-2012", 1000, 224, f"{BUCKET}/BiT-S-{arch}.npz", "imagenet1k"))
-        entries.append(Checkpoint(f"BiT-M-{arch}", arch, "ImageNet-21k", 21843, 224, f"{BUCKET}/BiT-M-{arch}.npz", "imagenet21k"))
+        entries.append(
+            Checkpoint(f"BiT-S-{arch}", arch, "ILSVRC-2012", 1000, 224, f"{BUCKET}/BiT-S-{arch}.npz", "imagenet1k")
+        )
+        entries.append(
+            Checkpoint(f"BiT-M-{arch}", arch, "ImageNet-21k", 21843, 224, f"{BUCKET}/BiT-M-{arch}.npz", "imagenet21k")
+        )
         entries.append(
             Checkpoint(
                 f"BiT-M-{arch}-ILSVRC2012",
@@ -73,7 +79,7 @@ def _registry():
                 "imagenet1k",
             )
         )
-    # Ours, shipped in the package (8 MB): made by examples/pretrain_shipped_model.sh in ~10 min on 2 CPU cores.
+    # Ours, shipped in the package (8 MB): made by examples/pretrain_shipped_model.sh.
     entries.append(
         Checkpoint(
             "BiT-R14x0.5-mnist5k",

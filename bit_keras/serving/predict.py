@@ -1,26 +1,36 @@
-"""Top-k predictions for image files, with a classification export or a Keras classifier."""
+"""Top-k predictions for image files, with a classification export or anything the model resolver accepts."""
 
 import os
 import re
 
 import tensorflow as tf
 
-from bit_keras import export as export_lib
-from bit_keras.data import decode_and_resize
+from bit_keras.data.pipeline import decode_and_resize
+from bit_keras.models.resolve import resolve_model
 
 
-def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None):
+def predict(
+    model: str,
+    images: list[str],
+    top_k: int = 5,
+    labels: str | None = None,
+    image_size: int | None = None,
+    cache_dir: str | None = None,
+) -> list[dict]:
     """`[{"image": path, "predictions": [{"class", "label", "probability"}, ...]}, ...]`, best first.
 
     `model` is a classification export directory (its `serving_bytes` signature does the decoding,
-    resizing and label lookup, and returns at most the top-k it was exported with), or what `bit_keras.export.load_source` accepts (a `.keras` file, a zoo
-    checkpoint name, ...), preprocessed the same way: decoded to RGB, resized to `image_size` without
-    keeping the aspect ratio. Unreadable image files are a ValueError naming the file.
+    resizing and label lookup, and returns at most the top-k it was exported with), or what
+    `bit_keras.models.resolve.resolve_model` accepts (a `.keras` file, a run folder, a zoo checkpoint name, ...),
+    preprocessed the same way: decoded to RGB, resized to `image_size` without keeping the aspect ratio.
+    Unreadable image files are a ValueError naming the file.
     """
     encoded = [_read(path) for path in images]
     if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
         if labels or image_size:
-            raise ValueError(f"{model} is an export: it has its own labels and image size (leave --labels/--image_size out)")
+            raise ValueError(
+                f"{model} is an export: it has its own labels and image size (leave --labels/--image_size out)"
+            )
         signatures = tf.saved_model.load(model).signatures
         if "serving_bytes" not in signatures:
             raise ValueError(f"{model} is not a classification export (no serving_bytes signature)")
@@ -29,7 +39,7 @@ def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None
         probabilities = out["probabilities"].numpy()
         names = [[n.decode() for n in row] for row in names]
     else:
-        source = export_lib.load_source(model, labels=labels, image_size=image_size, cache_dir=cache_dir)
+        source = resolve_model(model, labels=labels, image_size=image_size, cache_dir=cache_dir)
         if not source.model.num_classes:
             raise ValueError(f"{model} has no classification head")
         if not source.image_size:
@@ -51,7 +61,7 @@ def predict(model, images, top_k=5, labels=None, image_size=None, cache_dir=None
     ]
 
 
-def _read(path):
+def _read(path: str) -> bytes:
     """The file's bytes, checked to decode as an image."""
     try:
         with open(path, "rb") as f:

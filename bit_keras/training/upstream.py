@@ -32,7 +32,9 @@ class UpstreamSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, peak_lr, warmup_steps, boundaries):
         boundaries = [int(b) for b in boundaries]
         if warmup_steps < 0 or any(b < 1 for b in boundaries) or boundaries != sorted(set(boundaries)):
-            raise ValueError(f"need warmup_steps >= 0 and increasing positive boundaries, got {warmup_steps}, {boundaries}")
+            raise ValueError(
+                f"need warmup_steps >= 0 and increasing positive boundaries, got {warmup_steps}, {boundaries}"
+            )
         self.peak_lr = float(peak_lr)
         self.warmup_steps = int(warmup_steps)
         self.boundaries = boundaries

@@ -1,0 +1,1 @@
+"""Serving: TF-Hub-style SavedModel export (`export`), prediction (`predict`) and `SavedModelLayer`."""

@@ -1,0 +1,298 @@
+"""The run engine: one training loop for every recipe (fine-tuning, upstream pretraining, next detection).
+
+`RunOptions` holds what every run shares: the data source, the strategy, batch and micro-batches, learning
+rate, evaluation interval, resolution, precision, seed, the run folder and verbosity. A `Recipe` supplies what
+differs, as a `Plan`: the model, its loss and metric, the schedule and the input pipeline. `train` does the
+rest the same way for all: the strategy first, every check before the run folder exists, the model in the
+strategy's scope, exact resume, `fit` with evaluations and checkpoints, the log, the final files.
+"""
+
+import abc
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from bit_keras.data import sources
+from bit_keras.training import logs
+from bit_keras.training.run_folder import RunFolder, RunResult
+from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
+from bit_keras.training.trainer import Trainer, mixed_precision_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What every training run shares. A None number is the recipe's default; anything given is checked."""
+
+    dataset: str | None = None  # a tfds name or a bundled one (sources.BUNDLED)
+    image_folder: str | None = None
+    data: sources.Data | None = None
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    strategy: str | tf.distribute.Strategy = "auto"
+    tpu: str | None = None
+    batch: int | None = None  # global batch
+    batch_split: int = 1  # micro-batches per replica batch
+    base_lr: float | None = None
+    eval_every: int | None = None
+    resolution: int | None = None
+    mixed_precision: str | None = None
+    xla: bool = False
+    seed: int = 0
+    logdir: str = "runs"
+    name: str | None = None
+    overwrite: bool = False
+    verbose: int = 1
+
+    @property
+    def has_data(self) -> bool:
+        return any(x is not None for x in (self.data, self.dataset, self.image_folder))
+
+    @property
+    def policy(self) -> str | None:
+        """The Keras dtype policy name of `mixed_precision` (None: float32)."""
+        return mixed_precision_policy(self.mixed_precision)
+
+    def check(self) -> None:
+        """One-line errors for bad values, before any folder, download or TensorFlow op."""
+        for flag in ("batch", "batch_split", "eval_every", "resolution"):
+            check_positive_int(flag, getattr(self, flag))
+        if self.base_lr is not None and not (isinstance(self.base_lr, int | float) and 0 < self.base_lr < math.inf):
+            raise ValueError(f"base_lr must be a positive finite number, got {self.base_lr!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        mixed_precision_policy(self.mixed_precision)
+        if not isinstance(self.strategy, tf.distribute.Strategy):
+            check_strategy(self.strategy, self.tpu)
+        tfds_only = [k for k in ("data_dir", "manual_dir") if getattr(self, k) is not None]
+        tfds_only += [
+            k for k, default in (("train_split", "train"), ("test_split", "test")) if getattr(self, k) != default
+        ]
+        if tfds_only and (self.dataset is None or self.dataset in sources.BUNDLED):
+            raise ValueError("; ".join(f"{k} applies to a tfds dataset only" for k in tfds_only))
+
+    def make_strategy(self) -> tf.distribute.Strategy:
+        if isinstance(self.strategy, tf.distribute.Strategy):
+            return self.strategy
+        return make_strategy(self.strategy, self.tpu)
+
+    def load_data(self) -> sources.Data:
+        """The data source the options name (a `Data` given as is); None when they name none."""
+        if self.data is not None:
+            return self.data
+        if not self.has_data:
+            return None
+        return sources.load(
+            self.dataset, self.image_folder, self.data_dir, self.manual_dir, self.train_split, self.test_split
+        )
+
+
+def check_positive_int(flag: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a recipe decides for one run, before its folder exists."""
+
+    name: str  # the run folder's default name
+    config: dict  # run.json: what the run trains (a resume must match it exactly)
+    batch: int  # global batch
+    steps: int
+    eval_every: int
+    image_size: int  # the side the evaluation resizes images to (what serving the model needs)
+    schedule: keras.optimizers.schedules.LearningRateSchedule
+    momentum: float
+    build_model: Callable[[], keras.Model]  # images in [0, 1] -> logits; called in the strategy's scope
+    train_batches: Callable[[int], tf.data.Dataset]  # the training stream from a step on (exact resume)
+    test_batches: Callable[[], tf.data.Dataset]
+    loss: str = "softmax"  # see Trainer
+    weight_decay: float = 0.0
+    description: tuple[str, ...] = ()  # lines for the log
+    metrics: dict = dataclasses.field(default_factory=dict)  # the recipe's own metrics.json entries
+
+
+class Recipe(abc.ABC):
+    """What one kind of training supplies to the engine."""
+
+    def check(self, options: RunOptions) -> None:  # noqa: B027 (optional hook)
+        """The recipe's own checks of its settings, before any folder, download or TensorFlow op."""
+
+    def load_data(self, options: RunOptions) -> sources.Data:
+        data = options.load_data()
+        if data is None:
+            raise ValueError("no data: give a tfds dataset name or an image folder")
+        return data
+
+    @abc.abstractmethod
+    def plan(self, data: sources.Data, options: RunOptions) -> Plan:
+        """The run's plan for `data`."""
+
+    def save_artifacts(self, run: RunFolder, model: keras.Model) -> None:  # noqa: B027 (optional hook)
+        """Files of this recipe beside the run folder's own, written at the end by the chief."""
+
+
+def train(recipe: Recipe, options: RunOptions) -> RunResult:
+    """Run `recipe` with `options`: the same sequence for every recipe; returns the finished run."""
+    options.check()
+    recipe.check(options)
+    strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
+    data = recipe.load_data(options)
+    plan = recipe.plan(data, options)
+    replicas, split = strategy.num_replicas_in_sync, options.batch_split
+    if plan.batch % (replicas * split):
+        raise ValueError(f"batch {plan.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
+    name = options.name or plan.name
+    run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
+    run.prepare(plan.config, options.overwrite)
+
+    with logs.run_logging(options.verbose) as run_log:
+        keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
+        with strategy.scope():
+            model = plan.build_model()
+            trainer = Trainer(model, batch_split=split, loss=plan.loss, weight_decay=plan.weight_decay, name="trainer")
+            trainer.compile_sgd(plan.schedule, plan.momentum, jit_compile=options.xla)
+        run.start(plan.config)
+        if run.chief:
+            run_log.to_file(run.log_path)
+        state = run.restore(trainer)
+        for line in plan.description:
+            log.info(line)
+        frozen = sum(1 for layer in model.layers if layer.weights and not layer.trainable)
+        log.info(
+            f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen} frozen "
+            f"layers), strategy: {type(strategy).__name__.strip('_')} with {replicas} replica(s), batch {plan.batch} "
+            f"= {replicas} x {split} x {plan.batch // replicas // split}; run folder {run.path}"
+        )
+        if state:
+            log.info(f"resuming from step {state['step']} ({os.path.join(run.checkpoint_dir, state['weights'])})")
+        try:
+            state = _fit(run, trainer, plan, state, options.verbose)
+        except tf.errors.InvalidArgumentError as err:
+            named = data.decode_error(err)
+            if named is err:
+                raise
+            raise named from err
+        metric = trainer.accuracy.name
+        num_test = int(data.test.cardinality())
+        metrics = {
+            "name": name,
+            "test_accuracy": state["evals"][-1]["test_accuracy"],
+            "metric": metric,
+            "evals": state["evals"],
+            "steps": plan.steps,
+            "wall_s": state["wall_s"],
+            "images_per_s": state["trained_images"] / state["train_s"] if state["train_s"] else None,
+            "num_test": num_test if num_test >= 0 else None,
+            "image_size": plan.image_size,
+            "replicas": replicas,
+            "batch_split": split,
+            "xla": bool(options.xla),
+            **{k: v for k, v in plan.config.items() if k != "class_names"},
+            **plan.metrics,
+        }
+        metrics = json.loads(json.dumps(metrics))  # exactly what metrics.json holds
+        if run.chief:
+            recipe.save_artifacts(run, model)
+            run.finish(model, data.class_names, metrics)
+        log.info(f"test {metric} {metrics['test_accuracy']:.4f} after {plan.steps} steps; run folder {run.path}")
+    return RunResult(model, metrics, run.path)
+
+
+class RunCallback(keras.callbacks.Callback):
+    """Evaluates (through `fit`'s validation data), logs, checkpoints and stops a run of `total_steps`.
+
+    At every epoch end (every `eval_every` steps) it appends `{step, test_accuracy, test_loss, train_loss,
+    train_accuracy, learning_rate}` to `evals` (accuracies are precision@1 for multi-label data), adds
+    `learning_rate` to the logs (list it before TensorBoard), logs one line and saves the checkpoint.
+    Training throughput is timed without evaluation.
+    """
+
+    def __init__(self, run: RunFolder, total_steps: int, batch_size: int, state: dict | None = None):
+        super().__init__()
+        state = state or {}
+        self.run = run
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.evals = list(state.get("evals", []))
+        self.wall_s = state.get("wall_s", 0.0)  # of earlier sessions of this run
+        self.train_s = state.get("train_s", 0.0)
+        self.trained_images = state.get("trained_images", 0)
+
+    def on_train_begin(self, logs=None):
+        self._session_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._epoch_first_step = self._step()
+        self._epoch_train_s = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._step() >= self.total_steps:
+            self.model.stop_training = True
+
+    def on_test_begin(self, logs=None):
+        if self._epoch_train_s is None:  # fit's validation, not a separate evaluate()
+            self._epoch_train_s = time.perf_counter() - self._epoch_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        step = self._step()
+        self.train_s += self._epoch_train_s or (time.perf_counter() - self._epoch_start)
+        self.trained_images += (step - self._epoch_first_step) * self.batch_size
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["learning_rate"] = learning_rate
+        metric = self.model.accuracy.name  # "accuracy", or "precision_at_1" for multi-label data
+        entry = {"step": step, "test_accuracy": float(logs[f"val_{metric}"]), "test_loss": float(logs["val_loss"])}
+        entry.update(train_loss=float(logs["loss"]), train_accuracy=float(logs[metric]), learning_rate=learning_rate)
+        self.evals.append(entry)
+        train = f"train loss {entry['train_loss']:.4f}, {metric} {entry['train_accuracy']:.4f}"
+        test = f"test loss {entry['test_loss']:.4f}, {metric} {entry['test_accuracy']:.4f}"
+        log.info(f"step {step}/{self.total_steps}: {train}; {test}; lr {learning_rate:.4g}")
+        self.run.save(self.model, self.state(step))
+
+    def state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "evals": self.evals,
+            "wall_s": self.wall_s + time.perf_counter() - self._session_start,
+            "train_s": self.train_s,
+            "trained_images": self.trained_images,
+        }
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+
+def _fit(run: RunFolder, trainer: Trainer, plan: Plan, state: dict | None, verbose: int) -> dict:
+    """Train to `plan.steps`, evaluating and checkpointing every `plan.eval_every` steps, resuming from `state`
+    (`RunFolder.restore`); returns the final state."""
+    start_step = state["step"] if state else 0
+    if start_step >= plan.steps:
+        return state
+    callback = RunCallback(run, plan.steps, plan.batch, state)
+    trainer.fit(
+        plan.train_batches(start_step),
+        epochs=math.ceil(plan.steps / plan.eval_every),
+        initial_epoch=start_step // plan.eval_every,
+        steps_per_epoch=plan.eval_every,
+        validation_data=plan.test_batches(),
+        shuffle=False,  # the batches come shuffled
+        callbacks=[callback, keras.callbacks.TensorBoard(run.tensorboard_dir)],
+        verbose=verbose,
+    )
+    state = callback.state(plan.steps)
+    if state["evals"][-1]["step"] != plan.steps:
+        raise RuntimeError(f"training stopped at step {state['evals'][-1]['step']} of {plan.steps}")
+    return state

@@ -1,0 +1,57 @@
+"""Logging of a training run: Python `logging` under the "bit_keras" logger, to the console and to `train.log`."""
+
+import contextlib
+import logging
+import sys
+
+LOGGER = logging.getLogger("bit_keras")
+FILE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+class RunLog:
+    """The handlers of one run, removed when it ends (see `run_logging`)."""
+
+    def __init__(self) -> None:
+        self.handlers: list[logging.Handler] = []
+
+    def add(self, handler: logging.Handler, level: int, fmt: str = "%(message)s") -> None:
+        handler.setLevel(level)
+        handler.setFormatter(logging.Formatter(fmt))
+        LOGGER.addHandler(handler)
+        self.handlers.append(handler)
+
+    def to_file(self, path: str) -> None:
+        """Also write every INFO record, timestamped, to `path` (appended: a resumed run continues its log)."""
+        self.add(logging.FileHandler(path, encoding="utf-8"), logging.INFO, FILE_FORMAT)
+
+
+@contextlib.contextmanager
+def run_logging(verbose: int):
+    """Let the run's INFO records through; print them to stdout when `verbose` (warnings and errors to stderr
+    always), unless the application configured logging itself (the root logger has handlers): then they go
+    there. Yields a `RunLog` whose `to_file` adds the run folder's log file."""
+    run_log = RunLog()
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        if verbose:
+            stdout = logging.StreamHandler(sys.stdout)
+            stdout.addFilter(_Below(logging.WARNING))
+            run_log.add(stdout, logging.INFO)
+        run_log.add(logging.StreamHandler(sys.stderr), logging.WARNING)
+    try:
+        yield run_log
+    finally:
+        for handler in run_log.handlers:
+            LOGGER.removeHandler(handler)
+            handler.close()
+        LOGGER.setLevel(level)

@@ -1,0 +1,97 @@
+"""The command line keeps every flag it had: each subcommand's flags, defaults, choices and types as recorded
+before the run engine was unified (tests/data/cli_before_issue12.json, dumped from that parser and its `--help`),
+one `--help` in a real process, and the CLI-level checks of `export`."""
+
+import argparse
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from bit_keras import cli
+from tests.test_cli import BIT_KERAS, _env, message_lines
+
+BEFORE = json.loads((pathlib.Path(__file__).parent / "data" / "cli_before_issue12.json").read_text())
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def _spec(action):
+    return {
+        "dest": action.dest,
+        "default": action.default,
+        "choices": list(action.choices) if action.choices else None,
+        "nargs": action.nargs,
+        "type": getattr(action.type, "__name__", None),
+        "required": action.required,
+        "action": type(action).__name__,
+    }
+
+
+@pytest.mark.parametrize("command", sorted(BEFORE["flags"]))
+def test_every_flag_keeps_its_name_and_meaning(command):
+    actions = {
+        (a.option_strings[-1] if a.option_strings else a.dest): a
+        for a in _subparsers()[command]._actions
+        if not isinstance(a, argparse._HelpAction)
+    }
+    for flag, before in BEFORE["flags"][command].items():
+        assert flag in actions, f"{command} lost {flag}"
+        expected = {k: v for k, v in before.items() if k != "help"}
+        assert json.loads(json.dumps(_spec(actions[flag]), default=str)) == expected, (command, flag)
+
+
+@pytest.mark.parametrize("command", sorted(BEFORE["help_flags"]))
+def test_help_lists_every_flag_it_listed(command):
+    text = _subparsers()[command].format_help()
+    missing = [flag for flag in BEFORE["help_flags"][command] if flag not in text]
+    assert not missing, missing
+
+
+def test_help_in_a_real_process_is_clean(tmp_path):
+    """`--help` of a training subcommand: exit 0, the shared flags once each, nothing from TensorFlow on stderr."""
+    proc = subprocess.run(
+        [*BIT_KERAS, "finetune", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    usage = proc.stdout[: proc.stdout.index("options:")]
+    for flag in ("--batch", "--eval_every", "--mixed_precision", "--quiet", "--examples_per_class"):
+        assert usage.count(f"[{flag} ") + usage.count(f"[{flag}]") == 1, flag
+
+
+def test_export_needs_exactly_one_source(capsys):
+    assert cli.main(["export"]) == 1
+    assert cli.main(["export", "--model", "R26x0.5", "--run", "runs/x"]) == 1
+    lines = message_lines(capsys.readouterr().err)
+    assert (
+        lines
+        == ["bit-keras export: give exactly one of --model (a name, .npz or .keras file) and --run (a run folder)"] * 2
+    )
+
+
+def test_training_flags_are_checked_before_anything(tmp_path, capsys):
+    """Zero and non-finite numbers are errors naming the flag, not defaults; no run folder appears."""
+    cases = {
+        ("--batch", "0"): "batch must be a positive integer, got 0",
+        ("--base_lr", "nan"): "base_lr must be a positive finite number, got nan",
+        ("--eval_every", "-1"): "eval_every must be a positive integer, got -1",
+        ("--steps", "0"): "steps must be a positive integer, got 0",
+        ("--mixup_alpha", "inf"): "mixup_alpha must be a finite number >= 0, got inf",
+    }
+    for args, message in cases.items():
+        assert cli.main(["finetune", "--logdir", str(tmp_path / "runs"), *args]) == 1
+        assert message in capsys.readouterr().err, args
+    assert cli.main(["pretrain", "--dataset", "digits", "--logdir", str(tmp_path / "runs"), "--resolution", "0"]) == 1
+    assert "resolution must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
