@@ -20,6 +20,9 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
 if "tensorflow" in sys.modules:  # its start-up lines were printed already
     import keras
 else:
+    os.environ.setdefault(
+        "TF_CPP_MIN_LOG_LEVEL", "1"
+    )  # TensorFlow's INFO lines (XLA service, ...) say nothing to users
     with quiet_native_stderr():
         import keras
 

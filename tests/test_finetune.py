@@ -22,6 +22,15 @@ from tests.finetune_helpers import CLASSES, stripes_data, weights_of, write_imag
 
 pytestmark = pytest.mark.timeout(600)
 
+# What a fine-tuning run folder and its metrics.json held before the run engine was unified (kept, added to).
+RUN_FILES = {"run.json", "tensorboard", "model.keras", "class_names.txt", "curves.png", "metrics.json"}
+METRICS_KEYS = {
+    "name", "test_accuracy", "evals", "steps", "wall_s", "images_per_s", "num_train", "num_test", "dataset_size",
+    "dataset_size_source", "replicas", "batch_split", "xla", "data", "examples_per_class", "examples_per_class_seed",
+    "model", "eval_every", "seed", "trainable_from", "mixed_precision", "hyperrule",
+}  # fmt: skip
+EVAL_KEYS = {"step", "test_accuracy", "test_loss", "train_loss", "train_accuracy", "learning_rate"}
+
 # A short run of the small random checkpoint on 8x8 stripes: 16px crops, batch 8, 6 steps.
 FAST = dict(resolution=16, batch=8, steps=6, eval_every=3, verbose=0)
 
@@ -32,6 +41,8 @@ def test_run_folder(small_npz, tmp_path):
     assert result.run_dir == str(run)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == result.metrics
+    assert set(metrics) >= METRICS_KEYS and all(set(e) == EVAL_KEYS for e in metrics["evals"])
+    assert RUN_FILES | {"train.log"} == set(os.listdir(run))
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["test_accuracy"] == metrics["evals"][-1]["test_accuracy"]
     assert metrics["wall_s"] > 0 and metrics["images_per_s"] > 0
@@ -42,6 +53,11 @@ def test_run_folder(small_npz, tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(files for _, _, files in os.walk(run / "tensorboard"))
     assert not (run / "checkpoint").exists()  # the training state goes once the model is saved
+    # The log file has the HyperRule, every evaluation and the final accuracy, timestamped.
+    log = (run / "train.log").read_text()
+    assert "BiT-HyperRule for 24 training examples" in log and "step 3/6: train loss" in log
+    assert f"test accuracy {metrics['test_accuracy']:.4f} after 6 steps" in log
+    assert all(line[:4].isdigit() and " INFO " in line for line in log.splitlines())
     # The saved model is the trained one, and its test accuracy is the reported one.
     loaded = keras.saving.load_model(run / "model.keras")
     assert loaded.num_classes == 3

@@ -14,6 +14,22 @@ from tests.finetune_helpers import stripes_data
 
 pytestmark = pytest.mark.timeout(600)
 
+# What a pretraining run folder and its metrics.json held before the run engine was unified (kept, added to).
+RUN_FILES = {
+    "run.json",
+    "tensorboard",
+    "model.keras",
+    "class_names.txt",
+    "curves.png",
+    "checkpoint.npz",
+    "metrics.json",
+}
+METRICS_KEYS = {
+    "name", "test_accuracy", "metric", "evals", "steps", "wall_s", "images_per_s", "replicas", "batch_split", "xla",
+    "data", "num_train", "model", "normalization", "weight_standardization", "loss", "recipe", "resolution",
+    "eval_every", "seed", "mixed_precision",
+}  # fmt: skip
+
 SHORT = dict(model="R26x0.5", resolution=16, batch=8, epochs=4, decay_epochs=(3,), warmup_steps=2, verbose=0)
 
 
@@ -21,6 +37,8 @@ def test_pretrain_run_and_checkpoint(tmp_path):
     result = pretrain(data=stripes_data(n_train=16), logdir=str(tmp_path), base_lr=0.1, **SHORT)
     metrics = json.loads((tmp_path / "stripes-R26x0.5-bit-m" / "metrics.json").read_text())
     assert metrics == result.metrics and metrics["metric"] == "accuracy" and metrics["loss"] == "softmax"
+    assert set(metrics) >= METRICS_KEYS and RUN_FILES | {"train.log"} == set(os.listdir(result.run_dir))
+    assert "upstream bit-m: 4 epochs of 6 steps" in (tmp_path / "stripes-R26x0.5-bit-m" / "train.log").read_text()
     assert metrics["recipe"]["steps_per_epoch"] == 6 and [e["step"] for e in metrics["evals"]] == [6, 12, 18, 24]
     assert metrics["recipe"]["lr"] == pytest.approx(0.1 * 8 / 256) and metrics["recipe"]["weight_decay"] == 1e-4
     assert metrics["evals"][-1]["learning_rate"] == pytest.approx(metrics["recipe"]["lr"] / 10)
