@@ -1,7 +1,7 @@
 """Fine-tune a bit_keras feature-vector export with `hub.KerasLayer` in tf_keras (no bit_keras import).
 
-    bit-keras finetune && bit-keras export --run runs/digits-R26x0.5 --kind feature_vector
-    python examples/finetune_hub_keras_layer_tf_keras.py exports/digits-R26x0.5/feature_vector
+    bit-keras finetune && bit-keras export --run runs/digits-BiT-R14x0.5-mnist5k --kind feature_vector
+    python examples/finetune_hub_keras_layer_tf_keras.py exports/digits-BiT-R14x0.5-mnist5k/feature_vector
 
 Trains the backbone and a new Dense head on scikit-learn's digits (32x32 RGB) for a few epochs and
 prints the test accuracy, as one would with the official TF Hub BiT modules.

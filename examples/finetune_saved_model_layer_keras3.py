@@ -1,7 +1,7 @@
 """Fine-tune a bit_keras (or any Reusable) SavedModel in Keras 3 with `bit_keras.SavedModelLayer`.
 
-    bit-keras finetune && bit-keras export --run runs/digits-R26x0.5 --kind feature_vector
-    python examples/finetune_saved_model_layer_keras3.py exports/digits-R26x0.5/feature_vector
+    bit-keras finetune && bit-keras export --run runs/digits-BiT-R14x0.5-mnist5k --kind feature_vector
+    python examples/finetune_saved_model_layer_keras3.py exports/digits-BiT-R14x0.5-mnist5k/feature_vector
 
 `hub.KerasLayer` is a tf_keras layer and cannot go into a Keras 3 model; `SavedModelLayer` can, and its
 weights train with any Keras optimizer and save into `.keras` files. A classification export's backbone

@@ -1,7 +1,7 @@
 """Build a TF Serving REST request for a classification export's bytes signature, and answer it locally.
 
-    bit-keras finetune && bit-keras export --run runs/digits-R26x0.5
-    python examples/serving_rest_request.py exports/digits-R26x0.5/classification IMAGE.png [IMAGE ...]
+    bit-keras finetune && bit-keras export --run runs/digits-BiT-R14x0.5-mnist5k
+    python examples/serving_rest_request.py exports/digits-BiT-R14x0.5-mnist5k/classification IMAGE.png [IMAGE ...]
 
 Writes the request body TF Serving's REST API takes at `POST /v1/models/<name>:predict` to `--body`
 (images as `{"b64": ...}`, which TF Serving decodes into the `image_bytes` string tensor; send it with

@@ -1,6 +1,7 @@
 """Official BiT ``.npz`` checkpoint layout and a writer of random checkpoints (test helper).
 
-Written from /work/shared/bit-reference.md only; does not import tensorflow, keras or bit_keras.
+Written from the official layout (the released .npz files' key names) only; does not import tensorflow, keras
+or bit_keras.
 Keys use the official prefix ``resnet/``; conv kernels are HWIO; everything is float32.
 """
 

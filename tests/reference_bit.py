@@ -1,6 +1,6 @@
 """Independent plain-numpy float64 reference forward pass of BiT (ResNet-v2 with GN + WS).
 
-This is what the tests check bit_keras against, so it is written from /work/shared/bit-reference.md only
+This is what the tests check bit_keras against, so it is written from the paper and the official code's numerics only
 and must not import tensorflow, keras or bit_keras. Params use the official ``.npz`` layout (``resnet/`` keys,
 HWIO kernels); images are NHWC in [0, 1].
 """

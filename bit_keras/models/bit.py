@@ -43,14 +43,14 @@ class BiT(keras.Model):
 
     def __init__(
         self,
-        block_units=(3, 4, 6, 3),
-        width=1,
-        num_classes=1000,
-        normalization="group",
-        weight_standardization=True,
-        groups=GN_GROUPS,
-        input_shape=(None, None, 3),
-        dtype=None,
+        block_units: tuple[int, ...] = (3, 4, 6, 3),
+        width: int | float = 1,
+        num_classes: int = 1000,
+        normalization: str = "group",
+        weight_standardization: bool = True,
+        groups: int = GN_GROUPS,
+        input_shape: tuple[int | None, int | None, int] = (None, None, 3),
+        dtype: str | None = None,
         **kwargs,
     ):
         if normalization not in NORMALIZATIONS:
@@ -101,7 +101,7 @@ class BiT(keras.Model):
         self.num_features = features["pre_logits"].shape[-1]
         self.pyramid_outputs = features
 
-    def feature_extractor(self, names=FEATURE_NAMES):
+    def feature_extractor(self, names: tuple[str, ...] | list[str] = FEATURE_NAMES) -> keras.Model:
         """A model sharing this one's weights that returns a dict of the named intermediate outputs."""
         unknown = sorted(set(names) - set(FEATURE_NAMES))
         if unknown:
@@ -118,7 +118,7 @@ class BiT(keras.Model):
                 model.get_layer(layer.name).set_weights(layer.get_weights())
         return model
 
-    def fold_weight_standardization(self):
+    def fold_weight_standardization(self) -> "BiT":
         """A copy for inference whose plain convolutions hold the standardized kernels (this model when it
         has no weight standardization).
 

@@ -9,6 +9,7 @@ import re
 import secrets
 import zipfile
 
+import keras
 import numpy as np
 
 from bit_keras.models.layers import GroupNorm, StandardizedConv2D
@@ -104,7 +105,12 @@ def head_classes(arrays):
     return 0
 
 
-def load_checkpoint(model, path_or_arrays, skip_head=False, source=None):
+def load_checkpoint(
+    model: keras.Model,
+    path_or_arrays: str | os.PathLike | dict[str, np.ndarray],
+    skip_head: bool = False,
+    source: str | None = None,
+) -> keras.Model:
     """Set every weight of `model` from an official-layout checkpoint (a path or a dict of arrays).
 
     With `skip_head`, the file's head keys are ignored and the model's head keeps its values (a new,
@@ -142,7 +148,7 @@ def load_checkpoint(model, path_or_arrays, skip_head=False, source=None):
     return model
 
 
-def save_checkpoint(model, path):
+def save_checkpoint(model: keras.Model, path: str | os.PathLike) -> str:
     """Write `model`'s weights as an official-layout `.npz` (float32), atomically (temp file + rename)."""
     path = os.fspath(path)
     if not path.endswith(".npz"):

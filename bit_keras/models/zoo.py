@@ -97,7 +97,7 @@ def _registry():
 CHECKPOINTS = _registry()
 
 
-def parse_architecture(arch):
+def parse_architecture(arch: str) -> tuple[tuple[int, ...], int | float]:
     """`"R50x1"` -> `((3, 4, 6, 3), 1)`; widths may be fractional (`"R26x0.5"`)."""
     match = ARCH_PATTERN.fullmatch(arch)
     if not match or int(match.group(1)) not in BLOCK_UNITS:
@@ -109,12 +109,12 @@ def parse_architecture(arch):
     return BLOCK_UNITS[int(match.group(1))], int(width) if width.is_integer() else width
 
 
-def list_models(pretrained_only=False):
+def list_models(pretrained_only: bool = False) -> list[str]:
     """Every name `create_model` accepts: released checkpoints, then bare architectures."""
     return list(CHECKPOINTS) + ([] if pretrained_only else list(ARCHITECTURES))
 
 
-def parameter_count(arch, num_classes=0):
+def parameter_count(arch: str, num_classes: int = 0) -> int:
     """Parameters of an architecture with GN + WS, computed from its layer shapes without building it."""
     block_units, width = parse_architecture(arch)
     root = channels(width)
@@ -132,7 +132,15 @@ def _is_checkpoint_file(name):
     return name.endswith(".npz") or "://" in name
 
 
-def create_model(name_or_arch, weights=None, num_classes=None, *, cache_dir=None, progress=True, **kwargs):
+def create_model(
+    name_or_arch: str,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    **kwargs,
+) -> BiT:
     """Build a BiT model, optionally loading official weights.
 
     Args:
@@ -186,7 +194,7 @@ def create_model(name_or_arch, weights=None, num_classes=None, *, cache_dir=None
     return model
 
 
-def label_names(name_or_source, cache_dir=None, progress=True):
+def label_names(name_or_source: str, cache_dir: str | None = None, progress: bool = True) -> list[str]:
     """Class names of a checkpoint's head (or of a label source: `"imagenet1k"`, `"imagenet21k"`)."""
     source = CHECKPOINTS[name_or_source].labels if name_or_source in CHECKPOINTS else name_or_source
     if source not in LABEL_SOURCES:

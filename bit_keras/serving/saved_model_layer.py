@@ -1,5 +1,7 @@
 """`SavedModelLayer`: a Reusable SavedModel (bit_keras exports, TF Hub modules) as a trainable Keras 3 layer."""
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -20,7 +22,7 @@ class SavedModelLayer(keras.layers.Layer):
     (reloaded on load) and the current weight values.
     """
 
-    def __init__(self, handle, member=None, trainable=True, **kwargs):
+    def __init__(self, handle: str | os.PathLike, member: str | None = None, trainable: bool = True, **kwargs):
         super().__init__(trainable=trainable, **kwargs)
         self.handle = str(handle)
         self.member = member
