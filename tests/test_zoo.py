@@ -42,7 +42,7 @@ def test_registry_names_and_urls():
         expected[f"BiT-M-{arch}-ILSVRC2012"] = (arch, 1000, f"{BUCKET}/BiT-M-{arch}-ILSVRC2012.npz", "imagenet1k")
     for size in (224, 160):
         expected[f"BiT-R50x1-distilled-{size}"] = ("R50x1", 1000, f"{BUCKET}/distill/R50x1_{size}.npz", "imagenet1k")
-    shipped = os.path.join(os.path.dirname(zoo.__file__), "weights", "BiT-R14x0.5-mnist5k.npz")
+    shipped = os.path.join(os.path.dirname(bit_keras.__file__), "weights", "BiT-R14x0.5-mnist5k.npz")
     expected["BiT-R14x0.5-mnist5k"] = ("R14x0.5", 10, shipped, "digits")
     assert len(expected) == 21
     assert set(zoo.CHECKPOINTS) == set(expected)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 import keras
 import tensorflow as tf
@@ -81,6 +81,10 @@ class RunOptions:
         if tfds_only and (self.dataset is None or self.dataset in sources.BUNDLED):
             raise ValueError("; ".join(f"{k} applies to a tfds dataset only" for k in tfds_only))
 
+    def eval_interval(self, rule: "Rule") -> int:
+        """`eval_every`, or the rule's default."""
+        return rule.eval_every if self.eval_every is None else self.eval_every
+
     def make_strategy(self) -> tf.distribute.Strategy:
         if isinstance(self.strategy, tf.distribute.Strategy):
             return self.strategy
@@ -97,34 +101,47 @@ class RunOptions:
         )
 
 
+def from_arguments(cls, arguments: dict, **overrides):
+    """A dataclass (`RunOptions` or a recipe) built from the arguments of the function that builds the run: each
+    field takes the argument of its name, unless `overrides` gives it."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**({k: v for k, v in arguments.items() if k in names} | overrides))
+
+
 def check_positive_int(flag: str, value) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{flag} must be a positive integer, got {value!r}")
 
 
+class Rule(Protocol):
+    """A recipe's schedule: `hyperrule.HyperRule` and `upstream.UpstreamRule` are ones."""
+
+    batch: int  # global batch
+    steps: int
+    momentum: float
+    weight_decay: float  # L2 on the kernels
+    eval_every: int  # the default evaluation interval
+
+    def learning_rate_schedule(self) -> keras.optimizers.schedules.LearningRateSchedule: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything a recipe decides for one run, before its folder exists."""
+    """What a recipe decides for one run, before its folder exists."""
 
     name: str  # the run folder's default name
     config: dict  # run.json: what the run trains (a resume must match it exactly)
-    batch: int  # global batch
-    steps: int
-    eval_every: int
+    rule: Rule
     image_size: int  # the side the evaluation resizes images to (what serving the model needs)
-    schedule: keras.optimizers.schedules.LearningRateSchedule
-    momentum: float
-    build_model: Callable[[], keras.Model]  # images in [0, 1] -> logits; called in the strategy's scope
-    train_batches: Callable[[int], tf.data.Dataset]  # the training stream from a step on (exact resume)
-    test_batches: Callable[[], tf.data.Dataset]
     loss: str = "softmax"  # see Trainer
-    weight_decay: float = 0.0
     description: tuple[str, ...] = ()  # lines for the log
     metrics: dict = dataclasses.field(default_factory=dict)  # the recipe's own metrics.json entries
 
 
 class Recipe(abc.ABC):
-    """What one kind of training supplies to the engine."""
+    """What one kind of training supplies to the engine: its plan, model and input pipeline."""
+
+    task: str  # the verb, for messages: "finetune", "pretrain"
 
     def check(self, options: RunOptions) -> None:  # noqa: B027 (optional hook)
         """The recipe's own checks of its settings, before any folder, download or TensorFlow op."""
@@ -132,12 +149,24 @@ class Recipe(abc.ABC):
     def load_data(self, options: RunOptions) -> sources.Data:
         data = options.load_data()
         if data is None:
-            raise ValueError("no data: give a tfds dataset name or an image folder")
+            raise ValueError(f"{self.task} needs data: a tfds dataset name or an image folder")
         return data
 
     @abc.abstractmethod
     def plan(self, data: sources.Data, options: RunOptions) -> Plan:
         """The run's plan for `data`."""
+
+    @abc.abstractmethod
+    def build_model(self, data: sources.Data, plan: Plan, options: RunOptions) -> keras.Model:
+        """The model to train (images in [0, 1] -> logits); called in the strategy's scope."""
+
+    @abc.abstractmethod
+    def train_batches(self, data: sources.Data, plan: Plan, options: RunOptions, start_step: int) -> tf.data.Dataset:
+        """The training stream from `start_step` on (exactly the batches an uninterrupted run sees there)."""
+
+    @abc.abstractmethod
+    def test_batches(self, data: sources.Data, plan: Plan, options: RunOptions) -> tf.data.Dataset:
+        """The evaluation batches."""
 
     def save_artifacts(self, run: RunFolder, model: keras.Model) -> None:  # noqa: B027 (optional hook)
         """Files of this recipe beside the run folder's own, written at the end by the chief."""
@@ -150,9 +179,9 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
     data = recipe.load_data(options)
     plan = recipe.plan(data, options)
-    replicas, split = strategy.num_replicas_in_sync, options.batch_split
-    if plan.batch % (replicas * split):
-        raise ValueError(f"batch {plan.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
+    rule, replicas, split = plan.rule, strategy.num_replicas_in_sync, options.batch_split
+    if rule.batch % (replicas * split):
+        raise ValueError(f"batch {rule.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
     name = options.name or plan.name
     run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
     run.prepare(plan.config, options.overwrite)
@@ -160,9 +189,9 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     with logs.run_logging(options.verbose) as run_log:
         keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
         with strategy.scope():
-            model = plan.build_model()
-            trainer = Trainer(model, batch_split=split, loss=plan.loss, weight_decay=plan.weight_decay, name="trainer")
-            trainer.compile_sgd(plan.schedule, plan.momentum, jit_compile=options.xla)
+            model = recipe.build_model(data, plan, options)
+            trainer = Trainer(model, batch_split=split, loss=plan.loss, weight_decay=rule.weight_decay, name="trainer")
+            trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=options.xla)
         run.start(plan.config)
         if run.chief:
             run_log.to_file(run.log_path)
@@ -172,13 +201,13 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         frozen = sum(1 for layer in model.layers if layer.weights and not layer.trainable)
         log.info(
             f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen} frozen "
-            f"layers), strategy: {type(strategy).__name__.strip('_')} with {replicas} replica(s), batch {plan.batch} "
-            f"= {replicas} x {split} x {plan.batch // replicas // split}; run folder {run.path}"
+            f"layers), strategy: {type(strategy).__name__.strip('_')} with {replicas} replica(s), batch {rule.batch} "
+            f"= {replicas} x {split} x {rule.batch // replicas // split}; run folder {run.path}"
         )
         if state:
             log.info(f"resuming from step {state['step']} ({os.path.join(run.checkpoint_dir, state['weights'])})")
         try:
-            state = _fit(run, trainer, plan, state, options.verbose)
+            state = _fit(run, trainer, recipe, data, plan, options, state)
         except tf.errors.InvalidArgumentError as err:
             named = data.decode_error(err)
             if named is err:
@@ -191,7 +220,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
             "test_accuracy": state["evals"][-1]["test_accuracy"],
             "metric": metric,
             "evals": state["evals"],
-            "steps": plan.steps,
+            "steps": rule.steps,
             "wall_s": state["wall_s"],
             "images_per_s": state["trained_images"] / state["train_s"] if state["train_s"] else None,
             "num_test": num_test if num_test >= 0 else None,
@@ -206,7 +235,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         if run.chief:
             recipe.save_artifacts(run, model)
             run.finish(model, data.class_names, metrics)
-        log.info(f"test {metric} {metrics['test_accuracy']:.4f} after {plan.steps} steps; run folder {run.path}")
+        log.info(f"test {metric} {metrics['test_accuracy']:.4f} after {rule.steps} steps; run folder {run.path}")
     return RunResult(model, metrics, run.path)
 
 
@@ -275,24 +304,25 @@ class RunCallback(keras.callbacks.Callback):
         return int(self.model.optimizer.iterations.numpy())
 
 
-def _fit(run: RunFolder, trainer: Trainer, plan: Plan, state: dict | None, verbose: int) -> dict:
-    """Train to `plan.steps`, evaluating and checkpointing every `plan.eval_every` steps, resuming from `state`
+def _fit(run: RunFolder, trainer: Trainer, recipe: Recipe, data, plan: Plan, options: RunOptions, state) -> dict:
+    """Train to the rule's steps, evaluating and checkpointing every `eval_every` steps, resuming from `state`
     (`RunFolder.restore`); returns the final state."""
+    steps, eval_every = plan.rule.steps, options.eval_interval(plan.rule)
     start_step = state["step"] if state else 0
-    if start_step >= plan.steps:
+    if start_step >= steps:
         return state
-    callback = RunCallback(run, plan.steps, plan.batch, state)
+    callback = RunCallback(run, steps, plan.rule.batch, state)
     trainer.fit(
-        plan.train_batches(start_step),
-        epochs=math.ceil(plan.steps / plan.eval_every),
-        initial_epoch=start_step // plan.eval_every,
-        steps_per_epoch=plan.eval_every,
-        validation_data=plan.test_batches(),
+        recipe.train_batches(data, plan, options, start_step),
+        epochs=math.ceil(steps / eval_every),
+        initial_epoch=start_step // eval_every,
+        steps_per_epoch=eval_every,
+        validation_data=recipe.test_batches(data, plan, options),
         shuffle=False,  # the batches come shuffled
         callbacks=[callback, keras.callbacks.TensorBoard(run.tensorboard_dir)],
-        verbose=verbose,
+        verbose=options.verbose,
     )
-    state = callback.state(plan.steps)
-    if state["evals"][-1]["step"] != plan.steps:
-        raise RuntimeError(f"training stopped at step {state['evals'][-1]['step']} of {plan.steps}")
+    state = callback.state(steps)
+    if state["evals"][-1]["step"] != steps:
+        raise RuntimeError(f"training stopped at step {state['evals'][-1]['step']} of {steps}")
     return state

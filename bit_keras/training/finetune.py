@@ -78,43 +78,16 @@ def finetune(
     `eval_every` steps (default: a tenth of the run), and an interrupted run resumes exactly from
     its last checkpoint when started again with the same arguments.
     """
+    arguments = dict(locals())
     embedded = data is None and dataset is None and image_folder is None
-    defaults = EMBEDDED if embedded else {"model": DEFAULT_MODEL}
-    recipe = HyperRuleRecipe(
-        model=defaults["model"] if model is None else model,
-        embedded=embedded,
-        examples_per_class=examples_per_class,
-        examples_per_class_seed=examples_per_class_seed,
-        dataset_size=dataset_size,
-        steps=defaults.get("steps") if steps is None else steps,
-        mixup_alpha=mixup_alpha,
-        bit_pretrained_dir=bit_pretrained_dir,
-        cache_dir=cache_dir,
-        freeze_backbone=freeze_backbone,
-        trainable_from=trainable_from,
+    defaults = EMBEDDED if embedded else {"model": DEFAULT_MODEL, "batch": hyperrule_lib.BATCH}
+    defaults = {"base_lr": hyperrule_lib.BASE_LR, **defaults}
+    given = {k: arguments[k] if arguments[k] is not None else defaults.get(k) for k in EMBEDDED}
+    recipe = engine.from_arguments(
+        HyperRuleRecipe, arguments, embedded=embedded, model=given["model"], steps=given["steps"]
     )
-    options = engine.RunOptions(
-        dataset=dataset,
-        image_folder=image_folder,
-        data=data,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        train_split=train_split,
-        test_split=test_split,
-        strategy=strategy,
-        tpu=tpu,
-        batch=defaults.get("batch", hyperrule_lib.BATCH) if batch is None else batch,
-        batch_split=batch_split,
-        base_lr=defaults.get("base_lr", hyperrule_lib.BASE_LR) if base_lr is None else base_lr,
-        eval_every=eval_every,
-        resolution=defaults.get("resolution") if resolution is None else resolution,
-        mixed_precision=mixed_precision,
-        xla=xla,
-        seed=seed,
-        logdir=logdir,
-        name=name,
-        overwrite=overwrite,
-        verbose=verbose,
+    options = engine.from_arguments(
+        engine.RunOptions, arguments, batch=given["batch"], base_lr=given["base_lr"], resolution=given["resolution"]
     )
     return engine.train(recipe, options)
 
@@ -123,6 +96,8 @@ def finetune(
 class HyperRuleRecipe(engine.Recipe):
     """BiT's downstream recipe: a new zero head, the HyperRule's resolution, schedule and MixUp, softmax
     cross-entropy, SGD momentum without weight decay, random crops and flips (see `finetune`)."""
+
+    task = "finetune"
 
     model: str
     embedded: bool = False  # no data given: the bundled digits
@@ -170,8 +145,6 @@ class HyperRuleRecipe(engine.Recipe):
         )
         if self.mixup_alpha is not None:
             rule = dataclasses.replace(rule, mixup_alpha=self.mixup_alpha)
-        eval_every = max(1, math.ceil(rule.steps / 10)) if options.eval_every is None else options.eval_every
-        trainable_from = "head" if self.freeze_backbone else self.trainable_from
         config = {
             "data": data.name,
             "class_names": data.class_names,
@@ -180,9 +153,9 @@ class HyperRuleRecipe(engine.Recipe):
             "examples_per_class_seed": self.examples_per_class_seed if self.examples_per_class else None,
             "model": str(self.model),
             "hyperrule": dataclasses.asdict(rule),
-            "eval_every": eval_every,
+            "eval_every": options.eval_interval(rule),
             "seed": options.seed,
-            "trainable_from": trainable_from,
+            "trainable_from": self.trainable_layers,
             "mixed_precision": options.policy,
         }
         description = [
@@ -198,46 +171,48 @@ class HyperRuleRecipe(engine.Recipe):
                 f"learning rate scaled by batch/{hyperrule_lib.BATCH}: "
                 f"{rule.base_lr:g} x {rule.batch}/{hyperrule_lib.BATCH} = {rule.lr:g}"
             )
-
-        def build_model() -> keras.Model:
-            classifier = resolve.resolve_model(
-                self.model,
-                num_classes=data.num_classes,
-                new_head=True,  # BiT transfers with a zero head, even when the file had one of the right size
-                dtype=options.policy,
-                pretrained_dir=self.bit_pretrained_dir,
-                cache_dir=self.cache_dir,
-            ).model
-            _freeze(classifier, trainable_from)
-            return classifier
-
-        def train_batches(start_step: int) -> tf.data.Dataset:
-            return pipeline.train_batches(
-                data.train,
-                rule.resize,
-                rule.crop,
-                rule.batch,
-                seed=options.seed,
-                start_step=start_step,
-                num_classes=data.num_classes,
-                mixup_alpha=rule.mixup_alpha,
-            )
-
+        model_name = os.path.basename(str(self.model)).removesuffix(".npz").removesuffix(".keras")
         return engine.Plan(
-            name=f"{data.name}-{os.path.basename(str(self.model)).removesuffix('.npz').removesuffix('.keras')}",
-            config=config,
-            batch=rule.batch,
-            steps=rule.steps,
-            eval_every=eval_every,
+            f"{data.name}-{model_name}",
+            config,
+            rule,
             image_size=rule.crop,
-            schedule=rule.learning_rate_schedule(),
-            momentum=rule.momentum,
-            build_model=build_model,
-            train_batches=train_batches,
-            test_batches=lambda: pipeline.eval_batches(data.test, rule.crop, rule.batch, num_classes=data.num_classes),
             description=tuple(description),
             metrics={"dataset_size": size, "dataset_size_source": size_source},
         )
+
+    @property
+    def trainable_layers(self) -> str | None:
+        """The first layer that trains (None: all)."""
+        return "head" if self.freeze_backbone else self.trainable_from
+
+    def build_model(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions) -> keras.Model:
+        classifier = resolve.resolve_model(
+            self.model,
+            num_classes=data.num_classes,
+            new_head=True,  # BiT transfers with a zero head, even when the file had one of the right size
+            dtype=options.policy,
+            pretrained_dir=self.bit_pretrained_dir,
+            cache_dir=self.cache_dir,
+        ).model
+        _freeze(classifier, self.trainable_layers)
+        return classifier
+
+    def train_batches(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions, start_step: int):
+        rule = plan.rule
+        return pipeline.train_batches(
+            data.train,
+            rule.resize,
+            rule.crop,
+            rule.batch,
+            seed=options.seed,
+            start_step=start_step,
+            num_classes=data.num_classes,
+            mixup_alpha=rule.mixup_alpha,
+        )
+
+    def test_batches(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions):
+        return pipeline.eval_batches(data.test, plan.rule.crop, plan.rule.batch, num_classes=data.num_classes)
 
 
 def _freeze(model: keras.Model, trainable_from: str | None) -> None:

@@ -6,6 +6,7 @@ for batches other than 512 and a Keras learning-rate schedule.
 
 import dataclasses
 import itertools
+import math
 import numbers
 
 import keras
@@ -129,9 +130,16 @@ class HyperRule:
     momentum: float = MOMENTUM
     base_lr: float = BASE_LR  # the rate at batch 512 that `lr` was scaled from
 
+    weight_decay = 0.0  # BiT fine-tunes without weight decay
+
     @property
     def steps(self):
         return self.supports[-1]
+
+    @property
+    def eval_every(self):
+        """The default evaluation interval: a tenth of the run."""
+        return max(1, math.ceil(self.steps / 10))
 
     def learning_rate_schedule(self):
         """A `HyperRuleSchedule` for the optimizer."""
@@ -158,14 +166,14 @@ class HyperRule:
 
 
 def hyperrule(
-    dataset_size,
-    image_size=None,
-    dataset=None,
-    batch=BATCH,
-    base_lr=BASE_LR,
-    resolution_override=None,
-    steps=None,
-):
+    dataset_size: int,
+    image_size: int | tuple[int, int] | None = None,
+    dataset: str | None = None,
+    batch: int = BATCH,
+    base_lr: float = BASE_LR,
+    resolution_override: int | tuple[int, int] | None = None,
+    steps: int | None = None,
+) -> HyperRule:
     """The `HyperRule` of a dataset of `dataset_size` training examples (see `resolution` for the sizes).
 
     `steps` replaces the total number of steps, scaling every support proportionally.

@@ -20,29 +20,29 @@ def pretrain(
     image_folder: str | None = None,
     data: sources.Data | None = None,
     model: str = "R50x1",
-    name: str | None = None,
-    logdir: str = "runs",
     data_dir: str | None = None,
     manual_dir: str | None = None,
     train_split: str = "train",
     test_split: str = "test",
+    normalization: str = "group",
+    weight_standardization: bool = True,
     preset: str = "bit-m",
-    batch: int = upstream.BATCH,
-    batch_split: int = 1,
-    base_lr: float = upstream.BASE_LR,
     epochs: int | None = None,
     decay_epochs: list[int] | tuple[int, ...] | None = None,
     warmup_steps: int | None = None,
     weight_decay: float = upstream.WEIGHT_DECAY,
+    batch: int = upstream.BATCH,
+    batch_split: int = 1,
+    base_lr: float = upstream.BASE_LR,
     resolution: int = 224,
     eval_every: int | None = None,
-    normalization: str = "group",
-    weight_standardization: bool = True,
     strategy: str | tf.distribute.Strategy = "auto",
     tpu: str | None = None,
     mixed_precision: str | None = None,
     xla: bool = False,
     seed: int = 0,
+    name: str | None = None,
+    logdir: str = "runs",
     overwrite: bool = False,
     verbose: int = 1,
 ) -> RunResult:
@@ -58,45 +58,18 @@ def pretrain(
     Besides the run folder of fine-tuning runs, the weights are written as `checkpoint.npz` in the
     official layout, loadable with `bit_keras.create_model("PATH/checkpoint.npz")`.
     """
-    recipe = UpstreamRecipe(
-        model=model,
-        preset=preset,
-        epochs=epochs,
-        decay_epochs=None if decay_epochs is None else tuple(decay_epochs),
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        normalization=normalization,
-        weight_standardization=weight_standardization,
-    )
-    options = engine.RunOptions(
-        dataset=dataset,
-        image_folder=image_folder,
-        data=data,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        train_split=train_split,
-        test_split=test_split,
-        strategy=strategy,
-        tpu=tpu,
-        batch=batch,
-        batch_split=batch_split,
-        base_lr=base_lr,
-        eval_every=eval_every,
-        resolution=resolution,
-        mixed_precision=mixed_precision,
-        xla=xla,
-        seed=seed,
-        logdir=logdir,
-        name=name,
-        overwrite=overwrite,
-        verbose=verbose,
-    )
+    arguments = dict(locals())
+    decay_epochs = None if decay_epochs is None else tuple(decay_epochs)
+    recipe = engine.from_arguments(UpstreamRecipe, arguments, decay_epochs=decay_epochs)
+    options = engine.from_arguments(engine.RunOptions, arguments)
     return engine.train(recipe, options)
 
 
 @dataclasses.dataclass(frozen=True)
 class UpstreamRecipe(engine.Recipe):
     """The paper's upstream recipe on a BiT architecture trained from scratch (see `pretrain`)."""
+
+    task = "pretrain"
 
     model: str = "R50x1"
     preset: str = "bit-m"
@@ -126,8 +99,6 @@ class UpstreamRecipe(engine.Recipe):
             self.warmup_steps,
             self.weight_decay,
         )
-        resolution = options.resolution
-        eval_every = rule.steps_per_epoch if options.eval_every is None else options.eval_every
         config = {
             "data": data.name,
             "class_names": data.class_names,
@@ -137,62 +108,48 @@ class UpstreamRecipe(engine.Recipe):
             "weight_standardization": self.weight_standardization,
             "loss": loss,
             "recipe": dataclasses.asdict(rule),
-            "resolution": resolution,
-            "eval_every": eval_every,
+            "resolution": options.resolution,
+            "eval_every": options.eval_interval(rule),
             "seed": options.seed,
             "mixed_precision": options.policy,
         }
+        decays = ", ".join(map(str, rule.decay_epochs))
         description = (
             f"data: {data.name}, {data.num_classes} classes, {data.num_train:,} training examples, "
             f"{loss} cross-entropy",
             f"upstream {self.preset}: {rule.epochs} epochs of {rule.steps_per_epoch} steps ({rule.steps} steps) of "
             f"batch {rule.batch}, lr {rule.lr:g} (= {options.base_lr:g} x {rule.batch}/256) after {rule.warmup_steps} "
-            f"warmup steps, /10 at epochs {', '.join(map(str, rule.decay_epochs))}; "
-            f"weight decay {rule.weight_decay:g} (L2 on kernels); SGD momentum {rule.momentum:g}",
+            f"warmup steps, /10 at epochs {decays}; weight decay {rule.weight_decay:g} (L2 on kernels); "
+            f"SGD momentum {rule.momentum:g}",
+        )
+        name = f"{data.name}-{self.model}-{self.preset}"
+        return engine.Plan(name, config, rule, options.resolution, loss, description)
+
+    def build_model(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions) -> keras.Model:
+        return zoo.create_model(
+            self.model,
+            num_classes=data.num_classes,
+            normalization=self.normalization,
+            weight_standardization=self.weight_standardization,
+            dtype=options.policy,
         )
 
-        def build_model() -> keras.Model:
-            return zoo.create_model(
-                self.model,
-                num_classes=data.num_classes,
-                normalization=self.normalization,
-                weight_standardization=self.weight_standardization,
-                dtype=options.policy,
-            )
-
-        def train_batches(start_step: int) -> tf.data.Dataset:
-            return pipeline.train_batches(
-                data.train,
-                resolution,
-                resolution,
-                rule.batch,
-                seed=options.seed,
-                start_step=start_step,
-                num_classes=data.num_classes,
-                inception_crop=True,
-            )
-
-        def test_batches() -> tf.data.Dataset:
-            return pipeline.eval_batches(
-                data.test, resolution, rule.batch, num_classes=data.num_classes, center_crop=True
-            )
-
-        return engine.Plan(
-            name=f"{data.name}-{self.model}-{self.preset}",
-            config=config,
-            batch=rule.batch,
-            steps=rule.steps,
-            eval_every=eval_every,
-            image_size=resolution,
-            schedule=rule.learning_rate_schedule(),
-            momentum=rule.momentum,
-            build_model=build_model,
-            train_batches=train_batches,
-            test_batches=test_batches,
-            loss=loss,
-            weight_decay=rule.weight_decay,
-            description=description,
+    def train_batches(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions, start_step: int):
+        size = options.resolution
+        return pipeline.train_batches(
+            data.train,
+            size,
+            size,
+            plan.rule.batch,
+            seed=options.seed,
+            start_step=start_step,
+            num_classes=data.num_classes,
+            inception_crop=True,
         )
+
+    def test_batches(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions):
+        size = options.resolution
+        return pipeline.eval_batches(data.test, size, plan.rule.batch, num_classes=data.num_classes, center_crop=True)
 
     def save_artifacts(self, run: RunFolder, model: keras.Model) -> None:
         checkpoint.save_checkpoint(model, os.path.join(run.path, "checkpoint.npz"))

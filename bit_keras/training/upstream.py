@@ -52,7 +52,7 @@ class UpstreamSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
+class UpstreamRule:
     """One upstream run's settings, in steps."""
 
     dataset_size: int
@@ -73,21 +73,26 @@ class Recipe:
     def boundaries(self):
         return [e * self.steps_per_epoch for e in self.decay_epochs]
 
+    @property
+    def eval_every(self):
+        """The default evaluation interval: an epoch."""
+        return self.steps_per_epoch
+
     def learning_rate_schedule(self):
         return UpstreamSchedule(self.lr, self.warmup_steps, self.boundaries)
 
 
 def recipe(
-    dataset_size,
-    preset="bit-m",
-    batch=BATCH,
-    base_lr=BASE_LR,
-    epochs=None,
-    decay_epochs=None,
-    warmup_steps=None,
-    weight_decay=WEIGHT_DECAY,
-):
-    """The `Recipe` of a preset for `dataset_size` examples; every value can be overridden.
+    dataset_size: int,
+    preset: str = "bit-m",
+    batch: int = BATCH,
+    base_lr: float = BASE_LR,
+    epochs: int | None = None,
+    decay_epochs: tuple[int, ...] | None = None,
+    warmup_steps: int | None = None,
+    weight_decay: float = WEIGHT_DECAY,
+) -> UpstreamRule:
+    """The `UpstreamRule` of a preset for `dataset_size` examples; every value can be overridden.
 
     An epoch is `dataset_size // batch` steps (at least one); the warmup defaults to the paper's 5000
     steps of batch 4096 rescaled to `batch` (the same number of examples).
@@ -103,7 +108,7 @@ def recipe(
         raise ValueError(f"decay epochs {decay_epochs} must lie inside the {epochs} epochs")
     if warmup_steps is None:
         warmup_steps = math.ceil(WARMUP_STEPS * BATCH / batch)
-    return Recipe(
+    return UpstreamRule(
         dataset_size=dataset_size,
         batch=batch,
         steps_per_epoch=max(1, dataset_size // batch),
