@@ -13,6 +13,19 @@ from tests.reference_bit import reference_forward
 R50 = (3, 4, 6, 3)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_keras_state():
+    """Each test module starts from a clean Keras session: models, traced functions and layer names of earlier
+    modules are released rather than accumulated over the whole run (which slowed later tests down)."""
+    yield
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def r50_params():
     return random_checkpoint(R50, width=1, num_classes=1000, seed=0)

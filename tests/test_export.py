@@ -16,7 +16,7 @@ import bit_keras
 from bit_keras.models.layers import portable_ops
 from bit_keras.models.resolve import resolve_model
 from bit_keras.serving.export import export
-from tests.test_cli import BIT_KERAS, TF_NOISE, _env
+from tests.test_cli import BIT_KERAS, TF_NOISE, _env, run_all
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -277,46 +277,18 @@ def test_with_new_head(small_npz):
     )
 
 
-def test_resolve_model_of_a_run(small_npz, tmp_path):
+@pytest.fixture(scope="module")
+def stripes_run(small_npz, tmp_path_factory):
+    """A finished fine-tuning run of the small checkpoint on an image folder of stripes (16px, 20 steps)."""
     from bit_keras.training.finetune import finetune
-    from tests.finetune_helpers import stripes_data
+    from tests.finetune_helpers import write_image_folder
 
+    root = tmp_path_factory.mktemp("stripes_run")
+    folder = write_image_folder(root / "images", n_per_class=4, size=16)
     result = finetune(
-        data=stripes_data(),
-        model=small_npz,
-        logdir=str(tmp_path),
-        name="run",
-        resolution=16,
-        batch=8,
-        steps=5,
-        verbose=0,
-    )
-    source = resolve_model(result.run_dir)
-    assert (source.name, source.class_names, source.image_size) == ("run", ["top", "middle", "bottom"], 16)
-    keras_file = resolve_model(os.path.join(result.run_dir, "model.keras"))
-    assert (keras_file.name, keras_file.class_names, keras_file.image_size) == ("model", source.class_names, 16)
-    with pytest.raises(FileNotFoundError, match="must be a finished run or model folder"):
-        resolve_model(str(tmp_path))
-    with pytest.raises(ValueError, match="holds its weights already"):
-        resolve_model(result.run_dir, weights=small_npz)
-
-
-def _cli(args, cwd):
-    proc = subprocess.run(
-        [*BIT_KERAS, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd / "cache")
-    )
-    return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if not TF_NOISE.match(line)]
-
-
-def test_cli_export_and_predict(small_npz, tmp_path):
-    from bit_keras.training.finetune import finetune
-    from tests.finetune_helpers import stripes, write_image_folder
-
-    folder = write_image_folder(tmp_path / "images", n_per_class=4, size=16)
-    finetune(
         image_folder=str(folder),
         model=small_npz,
-        logdir=str(tmp_path / "runs"),
+        logdir=str(root / "runs"),
         name="stripes",
         resolution=16,
         batch=8,
@@ -324,37 +296,70 @@ def test_cli_export_and_predict(small_npz, tmp_path):
         base_lr=0.5,
         verbose=0,
     )
-    rc, out, err = _cli(["export", "--run", str(tmp_path / "runs" / "stripes")], tmp_path)
+    return result.run_dir
+
+
+def test_resolve_model_of_a_run(stripes_run, small_npz, tmp_path):
+    source = resolve_model(stripes_run)
+    assert (source.name, source.class_names, source.image_size) == ("stripes", ["bottom", "middle", "top"], 16)
+    keras_file = resolve_model(os.path.join(stripes_run, "model.keras"))
+    assert (keras_file.name, keras_file.class_names, keras_file.image_size) == ("model", source.class_names, 16)
+    with pytest.raises(FileNotFoundError, match="must be a finished run or model folder"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="holds its weights already"):
+        resolve_model(stripes_run, weights=small_npz)
+
+
+def _cli_all(commands, cwd):
+    """Run `bit-keras` command lines concurrently: [(returncode, stdout, stderr lines without TF's), ...]."""
+    results = run_all([[*BIT_KERAS, *args] for args in commands], cwd, cwd / "cache")
+    return [
+        (r.returncode, r.stdout, [line for line in r.stderr.splitlines() if not TF_NOISE.match(line)]) for r in results
+    ]
+
+
+def test_cli_export_and_predict(stripes_run, tmp_path):
+    from tests.finetune_helpers import stripes
+
+    ((rc, out, err),) = _cli_all([["export", "--run", stripes_run]], tmp_path)
     assert rc == 0, err
     target = tmp_path / "exports" / "stripes" / "classification"
     assert out.strip() == f"wrote {target}: classification export of stripes"
     assert (target / "assets" / "labels.txt").read_text().split() == ["bottom", "middle", "top"]
-    rc, _, err = _cli(["export", "--run", str(tmp_path / "runs" / "stripes")], tmp_path)
-    assert rc == 1 and "exists (pass overwrite=True, or --overwrite" in err[0]
 
     x, _ = stripes(1, size=16, seed=5)
     for i, image in enumerate(x):
         tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(image))
     (tmp_path / "broken.png").write_bytes(b"nope")
     images = [str(tmp_path / f"{i}.png") for i in range(len(x))]
-    rc, out, err = _cli(["predict", "--model", str(target), *images, "--json", "--top_k", "2"], tmp_path)
+    again, json_export, json_keras, table, sized, broken = _cli_all(
+        [
+            ["export", "--run", stripes_run],
+            ["predict", "--model", str(target), *images, "--json", "--top_k", "2"],
+            ["predict", "--model", os.path.join(stripes_run, "model.keras"), *images, "--json", "--top_k", "2"],
+            ["predict", "--model", str(target), images[0]],
+            ["predict", "--model", str(target), images[0], "--image_size", "64"],
+            ["predict", "--model", str(target), str(tmp_path / "broken.png")],
+        ],
+        tmp_path,
+    )
+    rc, _, err = again
+    assert rc == 1 and "exists (pass overwrite=True, or --overwrite" in err[0]
+    rc, out, err = json_export
     assert rc == 0, err
     from_export = json.loads(out)
     assert [r["image"] for r in from_export] == images and all(len(r["predictions"]) == 2 for r in from_export)
-    rc, out, err = _cli(
-        ["predict", "--model", str(tmp_path / "runs" / "stripes" / "model.keras"), *images, "--json", "--top_k", "2"],
-        tmp_path,
-    )
+    rc, out, err = json_keras
     assert rc == 0, err
     from_keras = json.loads(out)
     for a, b in zip(from_export, from_keras):
         assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
         assert a["predictions"][0]["probability"] == pytest.approx(b["predictions"][0]["probability"], abs=1e-4)
-    rc, out, err = _cli(["predict", "--model", str(target), images[0]], tmp_path)
+    rc, out, err = table
     assert rc == 0 and out.splitlines()[0] == images[0] and out.splitlines()[1].strip().startswith("1. ")
-    rc, _, err = _cli(["predict", "--model", str(target), images[0], "--image_size", "64"], tmp_path)
+    rc, _, err = sized
     assert rc == 1 and "is an export: it has its own labels and image size" in err[0]
-    rc, _, err = _cli(["predict", "--model", str(target), str(tmp_path / "broken.png")], tmp_path)
+    rc, _, err = broken
     assert rc == 1 and len(err) == 1, err
     assert err[0].startswith(f"bit-keras predict: {tmp_path / 'broken.png'}: not a readable image (Unknown image file")
     assert err[0].endswith("required.)")
@@ -363,42 +368,38 @@ def test_cli_export_and_predict(small_npz, tmp_path):
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def _example(name, *args, cwd):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, name), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=_env(cwd),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+def _examples(*commands, cwd):
+    """Run example scripts (name, *args) concurrently; returns their stdouts."""
+    argvs = [[sys.executable, os.path.join(EXAMPLES, name), *map(str, args)] for name, *args in commands]
+    results = run_all(argvs, cwd, cwd)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return [result.stdout for result in results]
 
 
 def test_examples(exported, tmp_path):
     root, _ = exported
-    out = _example(
-        "finetune_hub_keras_layer_tf_keras.py", root / "fv", "--epochs", 1, "--train_examples", 64, cwd=tmp_path
-    )
-    assert re.search(r"test accuracy [01]\.\d{4}", out)
-    out = _example(
-        "finetune_saved_model_layer_keras3.py",
-        root / "cls",
-        "--member",
-        "feature_vector",
-        "--epochs",
-        1,
-        "--train_examples",
-        64,
-        "--out",
-        tmp_path / "m.keras",
+    hub_out, keras3_out, serving_out = _examples(
+        ("finetune_hub_keras_layer_tf_keras.py", root / "fv", "--epochs", 1, "--train_examples", 64),
+        (
+            "finetune_saved_model_layer_keras3.py",
+            root / "cls",
+            "--member",
+            "feature_vector",
+            "--epochs",
+            1,
+            "--train_examples",
+            64,
+            "--out",
+            tmp_path / "m.keras",
+        ),
+        ("serving_rest_request.py", root / "cls", root / "image.png", root / "image.png"),
         cwd=tmp_path,
     )
-    assert re.search(r"test accuracy [01]\.\d{4}; saved", out) and (tmp_path / "m.keras").exists()
-    out = _example("serving_rest_request.py", root / "cls", root / "image.png", root / "image.png", cwd=tmp_path)
+    assert re.search(r"test accuracy [01]\.\d{4}", hub_out)
+    assert re.search(r"test accuracy [01]\.\d{4}; saved", keras3_out) and (tmp_path / "m.keras").exists()
     body = json.loads((tmp_path / "request.json").read_text())
     assert body["signature_name"] == "serving_bytes" and len(body["instances"]) == 2
     assert set(body["instances"][0]["image_bytes"]) == {"b64"}
-    response = json.loads(out)
+    response = json.loads(serving_out)
     assert len(response["predictions"]) == 2 and response["predictions"][0]["labels"][0].startswith("class_")
