@@ -219,8 +219,9 @@ def resume_after_sigkill(tmp_path, command, args, steps, eval_every):
 
     resumed = _cli([*args, "--name", "killed"], tmp_path, tmp_path / "cache", command)
     for proc in (whole, resumed):
-        _, err = proc.communicate(timeout=400)
+        out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
+        assert out == "", out[-2000:]  # --quiet: the log goes to train.log only
     a = keras.saving.load_model(tmp_path / "runs" / "whole" / "model.keras")
     b = keras.saving.load_model(tmp_path / "runs" / "killed" / "model.keras")
     for wa, wb in zip(a.weights, b.weights):

@@ -2,9 +2,10 @@
 
 `RunOptions` holds what every run shares: the data source, the strategy, batch and micro-batches, learning
 rate, evaluation interval, resolution, precision, seed, the run folder and verbosity. A `Recipe` supplies what
-differs, as a `Plan`: the model, its loss and metric, the schedule and the input pipeline. `train` does the
-rest the same way for all: the strategy first, every check before the run folder exists, the model in the
-strategy's scope, exact resume, `fit` with evaluations and checkpoints, the log, the final files.
+differs: its checks and data, a `Plan` (the schedule as a `Rule`, the loss, what run.json records, the log lines),
+the model and the input pipeline. `train` does the rest the same way for all: the strategy first, every check
+before the run folder exists, the model in the strategy's scope, exact resume, `fit` with evaluations and
+checkpoints, the log, the final files.
 """
 
 import abc
@@ -55,10 +56,6 @@ class RunOptions:
     verbose: int = 1
 
     @property
-    def has_data(self) -> bool:
-        return any(x is not None for x in (self.data, self.dataset, self.image_folder))
-
-    @property
     def policy(self) -> str | None:
         """The Keras dtype policy name of `mixed_precision` (None: float32)."""
         return mixed_precision_policy(self.mixed_precision)
@@ -69,6 +66,8 @@ class RunOptions:
             check_positive_int(flag, getattr(self, flag))
         if self.base_lr is not None and not (isinstance(self.base_lr, int | float) and 0 < self.base_lr < math.inf):
             raise ValueError(f"base_lr must be a positive finite number, got {self.base_lr!r}")
+        if self.name is not None and not self.name.strip():
+            raise ValueError("name must not be empty (leave it out for the default)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         mixed_precision_policy(self.mixed_precision)
@@ -90,11 +89,11 @@ class RunOptions:
             return self.strategy
         return make_strategy(self.strategy, self.tpu)
 
-    def load_data(self) -> sources.Data:
+    def load_data(self) -> sources.Data | None:
         """The data source the options name (a `Data` given as is); None when they name none."""
         if self.data is not None:
             return self.data
-        if not self.has_data:
+        if self.dataset is None and self.image_folder is None:
             return None
         return sources.load(
             self.dataset, self.image_folder, self.data_dir, self.manual_dir, self.train_split, self.test_split
@@ -182,7 +181,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     rule, replicas, split = plan.rule, strategy.num_replicas_in_sync, options.batch_split
     if rule.batch % (replicas * split):
         raise ValueError(f"batch {rule.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
-    name = options.name or plan.name
+    name = plan.name if options.name is None else options.name
     run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
     run.prepare(plan.config, options.overwrite)
 
