@@ -310,6 +310,26 @@ def test_resolve_model_of_a_run(stripes_run, small_npz, tmp_path):
         resolve_model(stripes_run, weights=small_npz)
 
 
+def test_what_a_model_name_means(tmp_path, monkeypatch):
+    from bit_keras.models.resolve import check_spec, kind_of
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "R50x1").mkdir()  # a folder named like an architecture does not shadow it
+    assert [kind_of(s) for s in ("BiT-M-R50x1", "R50x1", "a/b.npz", "https://x/y", "m.keras")] == [
+        "checkpoint",
+        "architecture",
+        "npz",
+        "npz",
+        "keras",
+    ]
+    with pytest.raises(ValueError, match="unknown model 'R51x1'"):
+        kind_of("R51x1")
+    with pytest.raises(ValueError, match="bit_pretrained_dir applies to checkpoint names only"):
+        check_spec("R50x1", pretrained_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="BiT-S-R50x1.npz does not exist"):
+        check_spec("BiT-S-R50x1", pretrained_dir=str(tmp_path))
+
+
 def _cli_all(commands, cwd):
     """Run `bit-keras` command lines concurrently: [(returncode, stdout, stderr lines without TF's), ...]."""
     results = run_all([[*BIT_KERAS, *args] for args in commands], cwd, cwd / "cache")

@@ -53,10 +53,10 @@ def kind_of(spec: str) -> str:
         return "npz"
     if spec.endswith(".keras"):
         return "keras"
-    if os.path.isdir(spec):
-        return "folder"
-    zoo.parse_architecture(spec)  # a ValueError naming the choices
-    return "architecture"
+    if zoo.ARCH_PATTERN.fullmatch(spec) or not os.path.isdir(spec):
+        zoo.parse_architecture(spec)  # a ValueError naming the choices
+        return "architecture"
+    return "folder"
 
 
 def check_spec(spec: str, weights: str | None = None, pretrained_dir: str | None = None) -> str:
