@@ -12,9 +12,8 @@ BUCKET = "https://storage.googleapis.com/bit_models"
 BLOCK_UNITS = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 ARCHITECTURES = ("R14x0.5", "R26x0.5", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 ARCH_PATTERN = re.compile(r"R(\d+)x(\d+(?:\.\d+)?)")
-WEIGHTS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights"
-)  # checkpoints shipped in the package
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bit_keras/
+WEIGHTS_DIR = os.path.join(PACKAGE_DIR, "weights")  # checkpoints shipped in the package
 
 LABEL_SOURCES = {
     # Keras' ImageNet class index (wordnet id, name) as used by keras.applications.
