@@ -80,8 +80,8 @@ def finetune(
     """
     arguments = dict(locals())
     embedded = data is None and dataset is None and image_folder is None
-    defaults = EMBEDDED if embedded else {"model": DEFAULT_MODEL, "batch": hyperrule_lib.BATCH}
-    defaults = {"base_lr": hyperrule_lib.BASE_LR, **defaults}
+    # What is not given comes from the embedded settings when no data is given, else from the HyperRule.
+    defaults = EMBEDDED if embedded else {"model": DEFAULT_MODEL, **hyperrule_lib.DEFAULTS}
     given = {k: arguments[k] if arguments[k] is not None else defaults.get(k) for k in EMBEDDED}
     recipe = engine.from_arguments(
         HyperRuleRecipe, arguments, embedded=embedded, model=given["model"], steps=given["steps"]

@@ -14,6 +14,7 @@ from keras import ops
 
 BASE_LR = 0.003  # at BATCH
 BATCH = 512
+DEFAULTS = {"batch": BATCH, "base_lr": BASE_LR}  # what fine-tuning uses when not told otherwise
 MOMENTUM = 0.9
 SMALL_AREA = 96 * 96  # images with fewer pixels count as small
 SMALL_DATASET = 20_000  # examples
