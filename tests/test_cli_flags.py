@@ -92,6 +92,16 @@ def test_training_flags_are_checked_before_anything(tmp_path, capsys):
     for args, message in cases.items():
         assert cli.main(["finetune", "--logdir", str(tmp_path / "runs"), *args]) == 1
         assert message in capsys.readouterr().err, args
-    assert cli.main(["pretrain", "--dataset", "digits", "--logdir", str(tmp_path / "runs"), "--resolution", "0"]) == 1
-    assert "resolution must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(["finetune", "--logdir", str(tmp_path / "runs"), "--examples_per_class_seed", "-1"]) == 1
+    assert "examples_per_class_seed must be an integer >= 0, got -1" in capsys.readouterr().err
+    pretrain_cases = {
+        ("--resolution", "0"): "resolution must be a positive integer, got 0",
+        ("--epochs", "0"): "epochs must be a positive integer, got 0",
+        ("--warmup_steps", "-1"): "warmup_steps must be an integer >= 0, got -1",
+        ("--weight_decay", "nan"): "weight_decay must be a finite number >= 0, got nan",
+        ("--decay_epochs", "3", "0"): "decay_epochs must be a positive integer, got 0",
+    }
+    for args, message in pretrain_cases.items():
+        assert cli.main(["pretrain", "--dataset", "digits", "--logdir", str(tmp_path / "runs"), *args]) == 1
+        assert message in capsys.readouterr().err, args
     assert not (tmp_path / "runs").exists()

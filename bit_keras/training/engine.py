@@ -63,13 +63,11 @@ class RunOptions:
     def check(self) -> None:
         """One-line errors for bad values, before any folder, download or TensorFlow op."""
         for flag in ("batch", "batch_split", "eval_every", "resolution"):
-            check_positive_int(flag, getattr(self, flag))
-        if self.base_lr is not None and not (isinstance(self.base_lr, int | float) and 0 < self.base_lr < math.inf):
-            raise ValueError(f"base_lr must be a positive finite number, got {self.base_lr!r}")
+            check_int(flag, getattr(self, flag))
+        check_finite("base_lr", self.base_lr, positive=True)
         if self.name is not None and not self.name.strip():
             raise ValueError("name must not be empty (leave it out for the default)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_int("seed", self.seed, minimum=0)
         mixed_precision_policy(self.mixed_precision)
         if not isinstance(self.strategy, tf.distribute.Strategy):
             check_strategy(self.strategy, self.tpu)
@@ -107,9 +105,21 @@ def from_arguments(cls, arguments: dict, **overrides):
     return cls(**({k: v for k, v in arguments.items() if k in names} | overrides))
 
 
-def check_positive_int(flag: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+def check_int(flag: str, value, minimum: int = 1) -> None:
+    """A one-line error unless `value` is None or an integer >= `minimum`."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{flag} must be {what}, got {value!r}")
+
+
+def check_finite(flag: str, value, positive: bool = False) -> None:
+    """A one-line error unless `value` is None or a finite number > 0 (`positive`) or >= 0 (NaN fails both)."""
+    if value is None:
+        return
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and (value > 0 if positive else value >= 0) and value < math.inf):
+        what = "a positive finite number" if positive else "a finite number >= 0"
+        raise ValueError(f"{flag} must be {what}, got {value!r}")
 
 
 class Rule(Protocol):

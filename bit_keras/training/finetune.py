@@ -1,7 +1,6 @@
 """Fine-tuning with the BiT-HyperRule: the recipe (`HyperRuleRecipe`) and `finetune`, which builds and runs it."""
 
 import dataclasses
-import math
 import os
 
 import keras
@@ -119,10 +118,9 @@ class HyperRuleRecipe(engine.Recipe):
                 f"freeze_backbone trains only the head; it contradicts trainable_from={self.trainable_from!r}"
             )
         for flag in ("examples_per_class", "dataset_size", "steps"):
-            engine.check_positive_int(flag, getattr(self, flag))
-        alpha = self.mixup_alpha
-        if alpha is not None and not (isinstance(alpha, int | float) and 0 <= alpha < math.inf):
-            raise ValueError(f"mixup_alpha must be a finite number >= 0, got {alpha!r}")
+            engine.check_int(flag, getattr(self, flag))
+        engine.check_int("examples_per_class_seed", self.examples_per_class_seed, minimum=0)
+        engine.check_finite("mixup_alpha", self.mixup_alpha)
         resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
 
     def load_data(self, options: engine.RunOptions) -> sources.Data:
