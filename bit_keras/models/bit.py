@@ -38,7 +38,8 @@ class BiT(keras.Model):
         dtype: a dtype policy name such as "mixed_bfloat16"; outputs stay float32.
 
     `pyramid_outputs` maps "stem", "block1".."block4" and "pre_logits" to the model's intermediate
-    tensors; `feature_extractor()` turns them into a model.
+    tensors, and "P2".."P5" (block1..block4, strides 4..32) as keras-hub's backbones name their feature
+    pyramid, so a BiT serves as keras-hub's image encoder; `feature_extractor()` turns them into a model.
     """
 
     def __init__(
@@ -99,13 +100,13 @@ class BiT(keras.Model):
         self.image_shape = tuple(input_shape)
         self.policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
         self.num_features = features["pre_logits"].shape[-1]
-        self.pyramid_outputs = features
+        self.pyramid_outputs = features | {f"P{b + 1}": features[f"block{b}"] for b in range(1, len(block_units) + 1)}
 
     def feature_extractor(self, names: tuple[str, ...] | list[str] = FEATURE_NAMES) -> keras.Model:
         """A model sharing this one's weights that returns a dict of the named intermediate outputs."""
-        unknown = sorted(set(names) - set(FEATURE_NAMES))
+        unknown = sorted(set(names) - set(self.pyramid_outputs))
         if unknown:
-            raise ValueError(f"unknown feature names {unknown}; choose from {FEATURE_NAMES}")
+            raise ValueError(f"unknown feature names {unknown}; choose from {sorted(self.pyramid_outputs)}")
         return keras.Model(self.input, {n: self.pyramid_outputs[n] for n in names}, name=f"{self.name}_features")
 
     def with_new_head(self, num_classes: int, dtype: str | None = None) -> "BiT":

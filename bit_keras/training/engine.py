@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import keras
@@ -24,7 +25,7 @@ from bit_keras.data import sources
 from bit_keras.training import logs
 from bit_keras.training.run_folder import RunFolder, RunResult
 from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
-from bit_keras.training.trainer import Trainer, mixed_precision_policy
+from bit_keras.training.trainer import Objective, Trainer, mixed_precision_policy
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Plan:
     config: dict  # run.json: what the run trains (a resume must match it exactly)
     rule: Rule
     image_size: int  # the side the evaluation resizes images to (what serving the model needs)
-    loss: str = "softmax"  # see Trainer
+    loss: "str | Callable[[], Objective]" = "softmax"  # Trainer's loss, or a factory of an objective (in scope)
     description: tuple[str, ...] = ()  # lines for the log
     metrics: dict = dataclasses.field(default_factory=dict)  # the recipe's own metrics.json entries
 
@@ -177,8 +178,12 @@ class Recipe(abc.ABC):
     def test_batches(self, data: sources.Data, plan: Plan, options: RunOptions) -> tf.data.Dataset:
         """The evaluation batches."""
 
-    def save_artifacts(self, run: RunFolder, model: keras.Model) -> None:  # noqa: B027 (optional hook)
-        """Files of this recipe beside the run folder's own, written at the end by the chief."""
+    def evaluate(self, model: keras.Model, data: sources.Data, plan: Plan) -> dict:
+        """Scores of `model` beyond the objective's, at every evaluation: `{"test_NAME": value}` (none by default)."""
+        return {}
+
+    def save_artifacts(self, run: RunFolder, model: keras.Model, data: sources.Data, plan: Plan) -> None:  # noqa: B027
+        """Files of this recipe beside the run folder's own, written at the end by the chief (optional hook)."""
 
 
 def train(recipe: Recipe, options: RunOptions) -> RunResult:
@@ -199,7 +204,8 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
         with strategy.scope():
             model = recipe.build_model(data, plan, options)
-            trainer = Trainer(model, batch_split=split, loss=plan.loss, weight_decay=rule.weight_decay, name="trainer")
+            loss = plan.loss if isinstance(plan.loss, str) else plan.loss()
+            trainer = Trainer(model, batch_split=split, loss=loss, weight_decay=rule.weight_decay, name="trainer")
             trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=options.xla)
         run.start(plan.config)
         if run.chief:
@@ -222,12 +228,12 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
             if named is err:
                 raise
             raise named from err
-        metric = trainer.accuracy.name
+        objective, last = trainer.objective, state["evals"][-1]
         num_test = int(data.test.cardinality())
         metrics = {
             "name": name,
-            "test_accuracy": state["evals"][-1]["test_accuracy"],
-            "metric": metric,
+            **{key: value for key, value in last.items() if key.startswith("test_")},
+            "metric": objective.name,
             "evals": state["evals"],
             "steps": rule.steps,
             "wall_s": state["wall_s"],
@@ -242,25 +248,35 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         }
         metrics = json.loads(json.dumps(metrics))  # exactly what metrics.json holds
         if run.chief:
-            recipe.save_artifacts(run, model)
+            recipe.save_artifacts(run, model, data, plan)
             run.finish(model, data.class_names, metrics)
-        log.info(f"test {metric} {metrics['test_accuracy']:.4f} after {rule.steps} steps; run folder {run.path}")
+        result = f"{objective.headline.replace('_', ' ')} {metrics[objective.headline]:.4f}"
+        log.info(f"{result} after {rule.steps} steps; run folder {run.path}")
     return RunResult(model, metrics, run.path)
 
 
 class RunCallback(keras.callbacks.Callback):
     """Evaluates (through `fit`'s validation data), logs, checkpoints and stops a run of `total_steps`.
 
-    At every epoch end (every `eval_every` steps) it appends `{step, test_accuracy, test_loss, train_loss,
-    train_accuracy, learning_rate}` to `evals` (accuracies are precision@1 for multi-label data), adds
+    At every epoch end (every `eval_every` steps) it appends `{step, test_loss, train_loss, learning_rate}`,
+    `test_X` and `train_X` for each of the objective's scores X (classification: accuracy, precision@1 for
+    multi-label data) and what `evaluate()` returns (detection: test_ap, ...) to `evals`, adds
     `learning_rate` to the logs (list it before TensorBoard), logs one line and saves the checkpoint.
     Training throughput is timed without evaluation.
     """
 
-    def __init__(self, run: RunFolder, total_steps: int, batch_size: int, state: dict | None = None):
+    def __init__(
+        self,
+        run: RunFolder,
+        total_steps: int,
+        batch_size: int,
+        state: dict | None = None,
+        evaluate: Callable[[], dict] = dict,
+    ):
         super().__init__()
         state = state or {}
         self.run = run
+        self.evaluate = evaluate
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.evals = list(state.get("evals", []))
@@ -291,13 +307,17 @@ class RunCallback(keras.callbacks.Callback):
         self.trained_images += (step - self._epoch_first_step) * self.batch_size
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["learning_rate"] = learning_rate
-        metric = self.model.accuracy.name  # "accuracy", or "precision_at_1" for multi-label data
-        entry = {"step": step, "test_accuracy": float(logs[f"val_{metric}"]), "test_loss": float(logs["val_loss"])}
-        entry.update(train_loss=float(logs["loss"]), train_accuracy=float(logs[metric]), learning_rate=learning_rate)
+        objective = self.model.objective
+        train, test = objective.scores(logs), objective.scores(logs, prefix="val_")
+        extra = self.evaluate()
+        entry = {"step": step, "test_loss": float(logs["val_loss"]), **{f"test_{k}": v for k, v in test.items()}}
+        entry |= extra | {"train_loss": float(logs["loss"]), **{f"train_{k}": v for k, v in train.items()}}
+        entry["learning_rate"] = learning_rate
         self.evals.append(entry)
-        train = f"train loss {entry['train_loss']:.4f}, {metric} {entry['train_accuracy']:.4f}"
-        test = f"test loss {entry['test_loss']:.4f}, {metric} {entry['test_accuracy']:.4f}"
-        log.info(f"step {step}/{self.total_steps}: {train}; {test}; lr {learning_rate:.4g}")
+        train = ", ".join([f"train loss {entry['train_loss']:.4f}"] + [f"{k} {v:.4f}" for k, v in train.items()])
+        test = {"loss": entry["test_loss"], **test, **{k.removeprefix("test_"): v for k, v in extra.items()}}
+        test = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in test.items())
+        log.info(f"step {step}/{self.total_steps}: {train}; test {test}; lr {learning_rate:.4g}")
         self.run.save(self.model, self.state(step))
 
     def state(self, step: int) -> dict:
@@ -320,7 +340,7 @@ def _fit(run: RunFolder, trainer: Trainer, recipe: Recipe, data, plan: Plan, opt
     start_step = state["step"] if state else 0
     if start_step >= steps:
         return state
-    callback = RunCallback(run, steps, plan.rule.batch, state)
+    callback = RunCallback(run, steps, plan.rule.batch, state, lambda: recipe.evaluate(trainer.model, data, plan))
     trainer.fit(
         recipe.train_batches(data, plan, options, start_step),
         epochs=math.ceil(steps / eval_every),

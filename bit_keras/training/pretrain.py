@@ -156,5 +156,5 @@ class UpstreamRecipe(engine.Recipe):
         size = options.resolution
         return pipeline.eval_batches(data.test, size, plan.rule.batch, num_classes=data.num_classes, center_crop=True)
 
-    def save_artifacts(self, run: RunFolder, model: keras.Model) -> None:
+    def save_artifacts(self, run: RunFolder, model: keras.Model, data: sources.Data, plan: engine.Plan) -> None:
         checkpoint.save_checkpoint(model, os.path.join(run.path, "checkpoint.npz"))

@@ -137,7 +137,7 @@ class RunFolder:
 
 
 def plot_curves(metrics, path):
-    """Training loss and test accuracy against the step, from `metrics["evals"]`, as a PNG."""
+    """Losses and scores (accuracy, AP, ...) against the step, from `metrics["evals"]`, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,17 +145,21 @@ def plot_curves(metrics, path):
 
     evals = metrics["evals"]
     steps = [e["step"] for e in evals]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    scores = [k for k in evals[-1] if k.startswith(("train_", "test_")) and not k.endswith("loss")]
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(steps, [e["train_loss"] for e in evals], marker="o", label="train (since the previous eval)")
     loss_ax.plot(steps, [e["test_loss"] for e in evals], marker="o", label="test")
-    loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
     loss_ax.legend()
-    acc_ax.plot(steps, [e["train_accuracy"] for e in evals], marker="o", label="train (against the targets' argmax)")
-    acc_ax.plot(steps, [e["test_accuracy"] for e in evals], marker="o", label="test")
-    acc_ax.set(
-        xlabel="step", ylabel="top-1 accuracy", title=f"test accuracy {metrics['test_accuracy']:.4f}", ylim=(0, 1)
-    )
-    acc_ax.legend()
+    for key in scores:
+        values = [e.get(key) for e in evals]
+        if None not in values:
+            label = "train (against the targets' argmax)" if key == "train_accuracy" else key.replace("_", " ")
+            score_ax.plot(steps, values, marker="o", label=label)
+    headline = next(k for k in ("test_ap", "test_accuracy") if k in metrics)
+    score_ax.set(xlabel="step", ylabel="score", title=f"{headline.replace('_', ' ')} {metrics[headline]:.4f}")
+    score_ax.set_ylim(0, 1)
+    score_ax.legend()
     fig.suptitle(metrics.get("name", ""))
     fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.png"

@@ -45,16 +45,83 @@ class MomentumSGD(keras.optimizers.SGD):
         )
 
 
+class Objective:
+    """What a `Trainer` minimizes and reports besides the loss: `Classification` here, detection's focal loss in
+    `bit_keras.detection.objective`.
+
+    The loss of a replica's batch is `loss_sum(targets, outputs) / normalizer(targets)`: summed over the batch's
+    examples (or anchors), divided by a count of the whole batch (examples, or positive anchors), so that
+    micro-batches (`batch_split`) add up to the loss of the batch.
+    """
+
+    name: str  # what metrics.json's "metric" names
+    headline: str  # the evaluation entry that is the run's result, e.g. "test_accuracy"
+    metrics: list  # Keras metrics updated by `update_metrics`; created in the strategy's scope
+
+    def loss_sum(self, targets, outputs):
+        raise NotImplementedError
+
+    def normalizer(self, targets):
+        raise NotImplementedError
+
+    def update_metrics(self, targets, outputs):
+        raise NotImplementedError
+
+    def scores(self, logs, prefix=""):
+        """The evaluation entries of the metrics in Keras `logs` (`prefix` "val_" for the test set's), by the
+        name they have in `evals` without "train_"/"test_"."""
+        return {metric.name: float(logs[prefix + metric.name]) for metric in self.metrics}
+
+
+class Classification(Objective):
+    """Softmax cross-entropy on one-hot or soft (MixUp) targets with top-1 `accuracy` against the targets' argmax,
+    or (`loss="sigmoid"`) binary cross-entropy summed over the classes of multi-hot targets (multi-label data such
+    as ImageNet-21k) with `precision_at_1`: whether the top-1 class is a positive."""
+
+    headline = "test_accuracy"
+
+    def __init__(self, loss="softmax"):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.loss = loss
+        self.accuracy = (
+            keras.metrics.CategoricalAccuracy(name="accuracy")
+            if loss == "softmax"
+            else keras.metrics.Mean(name="precision_at_1")
+        )
+        self.metrics = [self.accuracy]
+        self.name = self.accuracy.name
+
+    def loss_sum(self, targets, logits):
+        if self.loss == "softmax":
+            per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+        else:
+            per_example = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits), axis=-1)
+        return tf.reduce_sum(per_example)
+
+    def normalizer(self, targets):
+        return tf.cast(tf.shape(targets)[0], tf.float32)
+
+    def update_metrics(self, targets, logits):
+        if self.loss == "softmax":
+            self.accuracy.update_state(targets, logits)
+        else:
+            top1 = tf.gather(targets, tf.argmax(logits, axis=-1), batch_dims=1)
+            self.accuracy.update_state(tf.cast(top1 > 0, tf.float32))
+
+    def scores(self, logs, prefix=""):
+        return {"accuracy": float(logs[prefix + self.accuracy.name])}  # precision@1 too, as "accuracy"
+
+
 class Trainer(keras.Model):
-    """Trains `model` (images -> logits) with softmax cross-entropy on one-hot or soft (MixUp) targets, or
-    sigmoid cross-entropy on multi-hot targets (`loss="sigmoid"`), plus optional L2 `weight_decay`.
+    """Trains `model` on an `Objective` (`loss`: one, or "softmax"/"sigmoid" for `Classification`), plus optional
+    L2 `weight_decay`.
 
     `batch_split=N` cuts each replica's batch into N micro-batches whose gradients are summed before
     one optimizer update: the same update as the whole batch (up to float summation order), in 1/N
     of the activation memory. (Keras' `gradient_accumulation_steps` cannot do this under
-    MirroredStrategy: it merges inside a cond.) Metrics: `loss` (cross-entropy, weight decay and the
-    model's regularization losses) and top-1 `accuracy` against the targets' argmax, or
-    `precision_at_1` for sigmoid.
+    MirroredStrategy: it merges inside a cond.) Metrics: `loss` (the objective's, weight decay and the
+    model's regularization losses) and the objective's.
 
     Create and compile it (`compile_sgd`, or `compile` with only an optimizer) inside the strategy's scope.
     """
@@ -63,27 +130,19 @@ class Trainer(keras.Model):
         super().__init__(**kwargs)
         if not isinstance(batch_split, int) or batch_split < 1:
             raise ValueError(f"batch_split must be a positive integer, got {batch_split!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.model = model
         self.batch_split = batch_split
-        self.loss_name = loss
+        self.objective = Classification(loss) if isinstance(loss, str) else loss
         self.weight_decay = weight_decay
         # L2 weight decay on the trainable kernels (convolutions and head), not on GroupNorm's gamma/beta
         # or biases: weight_decay * sum(||w||^2) / 2 joins the loss, as in the TPU ResNet code BiT builds on.
         self.decayed = [w for w in model.trainable_weights if w.name == "kernel"] if weight_decay else []
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        # softmax: top-1 against the targets' argmax; sigmoid (multi-label): whether the top-1 class is a positive.
-        self.accuracy = (
-            keras.metrics.CategoricalAccuracy(name="accuracy")
-            if loss == "softmax"
-            else keras.metrics.Mean(name="precision_at_1")
-        )
         self.built = True  # nothing of its own to build: `model` is
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.accuracy]
+        return [self.loss_tracker, *self.objective.metrics]
 
     def call(self, images, training=False):
         return self.model(images, training=training)
@@ -94,8 +153,9 @@ class Trainer(keras.Model):
         n = self.batch_split
         if images.shape[0] is not None and images.shape[0] % n:
             raise ValueError(f"the per-replica batch {images.shape[0]} is not divisible by batch_split={n}")
+        normalizer = self.objective.normalizer(targets)  # of the whole replica batch, shared by its micro-batches
         if n == 1:
-            loss, gradients, logits = self._loss_and_gradients(images, targets, variables)
+            loss, gradients, outputs = self._loss_and_gradients(images, targets, variables, normalizer)
         else:
             batch = tf.shape(images)[0]
             divisible = tf.debugging.assert_equal(
@@ -103,70 +163,63 @@ class Trainer(keras.Model):
             )
             with tf.control_dependencies([divisible]):
                 batch = tf.identity(batch)
-            micro_images = tf.reshape(images, tf.concat([[n, batch // n], tf.shape(images)[1:]], 0))
-            micro_targets = tf.reshape(targets, tf.concat([[n, batch // n], tf.shape(targets)[1:]], 0))
+            split = lambda x: tf.reshape(x, tf.concat([[n, batch // n], tf.shape(x)[1:]], 0))
+            micro_images, micro_targets = split(images), tf.nest.map_structure(split, targets)
+            output_spec = tf.nest.map_structure(lambda x: tf.TensorArray(tf.float32, size=n), self.model.output)
 
-            def step(i, loss, gradients, logits):
-                micro_loss, micro_gradients, micro_logits = self._loss_and_gradients(
-                    micro_images[i], micro_targets[i], variables
+            def step(i, loss, gradients, outputs):
+                micro_loss, micro_gradients, micro_outputs = self._loss_and_gradients(
+                    micro_images[i], tf.nest.map_structure(lambda x: x[i], micro_targets), variables, normalizer
                 )
                 gradients = [a + g for a, g in zip(gradients, micro_gradients)]
-                return i + 1, loss + micro_loss, gradients, logits.write(i, micro_logits)
+                outputs = tf.nest.map_structure(lambda array, x: array.write(i, x), outputs, micro_outputs)
+                return i + 1, loss + micro_loss, gradients, outputs
 
-            _, loss, gradients, logits = tf.while_loop(
+            _, loss, gradients, outputs = tf.while_loop(
                 lambda i, *_: i < n,
                 step,
-                (
-                    tf.constant(0),
-                    tf.constant(0.0),
-                    [tf.zeros_like(v) for v in variables],
-                    tf.TensorArray(tf.float32, size=n),
-                ),
+                (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in variables], output_spec),
             )
-            logits = logits.concat()
+            outputs = tf.nest.map_structure(lambda array: array.concat(), outputs)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        return self._update_metrics(loss, targets, logits)
+        return self._update_metrics(loss, targets, outputs)
 
     def test_step(self, data):
         images, targets = data
-        logits = self(images, training=False)
-        return self._update_metrics(self._loss(targets, logits), targets, logits)
+        outputs = self._float32(self(images, training=False))
+        return self._update_metrics(self._loss(targets, outputs), targets, outputs)
 
-    def _loss(self, targets, logits):
-        """The mean cross-entropy of this (micro-)batch plus weight decay and the model's regularization losses.
-
-        softmax: categorical cross-entropy on one-hot or soft targets; sigmoid: binary cross-entropy summed
-        over the classes of multi-hot targets (multi-label data such as ImageNet-21k), averaged over examples.
-        """
-        if self.loss_name == "softmax":
-            per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
-        else:
-            per_example = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits), axis=-1)
+    def _loss(self, targets, outputs, normalizer=None, share=1.0):
+        """The objective's loss of this (micro-)batch as a share of the batch's (of `normalizer`, default this
+        batch's), plus that `share` of the weight decay and the model's regularization losses."""
+        normalizer = self.objective.normalizer(targets) if normalizer is None else normalizer
         extra = [tf.cast(x, tf.float32) for x in self.losses]
         if self.decayed:
             extra.append(self.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in self.decayed]))
-        return tf.reduce_mean(per_example) + tf.add_n([tf.constant(0.0)] + extra)
+        extra = tf.add_n([tf.constant(0.0)] + extra)
+        return self.objective.loss_sum(targets, outputs) / normalizer + extra * share
 
-    def _loss_and_gradients(self, images, targets, variables):
-        """The loss of one of `batch_split` micro-batches as a share of the step's loss, its gradients and logits."""
+    def _loss_and_gradients(self, images, targets, variables, normalizer=None):
+        """The loss of one of `batch_split` micro-batches as a share of the step's loss, its gradients and outputs."""
         with tf.GradientTape() as tape:
-            logits = tf.cast(self(images, training=True), tf.float32)
-            loss = self._loss(targets, logits) / self.batch_split
+            outputs = self._float32(self(images, training=True))
+            loss = self._loss(targets, outputs, normalizer, share=1.0 / self.batch_split)
             # Gradients are summed over replicas: each contributes its share of the global mean.
             replica_share = loss / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(replica_share)  # loss scaling under mixed_float16
-        return loss, tape.gradient(scaled, variables), logits
+        return loss, tape.gradient(scaled, variables), outputs
 
-    def _update_metrics(self, loss, targets, logits):
+    @staticmethod
+    def _float32(outputs):
+        return tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), outputs)
+
+    def _update_metrics(self, loss, targets, outputs):
         # After the data: counts of static batch sizes would otherwise also run on the step that finds
         # a finite dataset exhausted, and count a batch that never came.
-        with tf.control_dependencies([logits]):
-            self.loss_tracker.update_state(loss, sample_weight=tf.shape(logits)[0])
-            if self.loss_name == "softmax":
-                self.accuracy.update_state(targets, logits)
-            else:
-                top1 = tf.gather(targets, tf.argmax(logits, axis=-1), batch_dims=1)
-                self.accuracy.update_state(tf.cast(top1 > 0, tf.float32))
+        first = tf.nest.flatten(outputs)[0]
+        with tf.control_dependencies([first]):
+            self.loss_tracker.update_state(loss, sample_weight=tf.shape(first)[0])
+            self.objective.update_metrics(targets, outputs)
         logs = {m.name: m.result() for m in self.metrics}
         if is_multi_worker(tf.distribute.get_strategy()):
             # keras#20585: Keras averages multi-worker logs with reduce(MEAN, axis=0), which needs a batch axis.

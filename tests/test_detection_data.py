@@ -1,0 +1,352 @@
+"""Detection data sources: the generated digit canvases, local COCO folders, tfds COCO 2017 and VOC (mocked)."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from bit_keras.detection import data
+
+
+def _examples(dataset):
+    return list(dataset.as_numpy_iterator())
+
+
+def _check_example(example, num_classes):
+    boxes, classes = example["boxes"], example["classes"]
+    assert example["image"].dtype == np.uint8 and example["image"].ndim == 3 and example["image"].shape[-1] == 3
+    assert boxes.dtype == np.float32 and boxes.shape == (len(classes), 4) and classes.dtype == np.int64
+    assert (
+        np.all((boxes >= 0) & (boxes <= 1)) and np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+    )
+    assert np.all((classes >= 0) & (classes < num_classes)) and example["image_id"].dtype == np.int64
+
+
+# --- digit canvases -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def canvases():
+    d = data.load()
+    return d, _examples(d.train), _examples(d.test)
+
+
+def test_digit_canvases_sizes_classes_and_boxes(canvases):
+    d, train, test = canvases
+    assert (d.name, d.num_train, d.size_source, d.image_size) == ("digit-canvases", 1000, "generated", (128, 128))
+    assert d.class_names == [str(c) for c in range(10)] and d.num_classes == 10
+    assert (len(train), len(test)) == (1000, 250) and int(d.train.cardinality()) == 1000
+    assert int(d.test.cardinality()) == 250
+    assert d.train.element_spec["boxes"].shape.as_list() == [None, 4]
+    for split in (train, test):
+        assert sorted(int(e["image_id"]) for e in split) == list(range(len(split)))
+        counts = np.bincount([len(e["classes"]) for e in split], minlength=5)
+        assert len(counts) == 5 and counts[0] > 0 and counts[4] > 0  # 0 to 4 digits, some canvases empty
+        assert counts[0] < 0.06 * len(split)
+        for e in split:
+            _check_example(e, 10)
+            assert e["image"].shape == (128, 128, 3)
+            heights = (e["boxes"][:, 2] - e["boxes"][:, 0]) * 128
+            assert np.all(heights <= 56)
+    all_classes = np.concatenate([e["classes"] for e in train])
+    assert set(all_classes.tolist()) == set(range(10))
+
+
+def test_digit_canvases_deterministic(canvases):
+    _, train, test = canvases
+    again = data.embedded_digit_canvases()
+    for first, second in ((train, _examples(again.train)), (test, _examples(again.test))):
+        for a, b in zip(first, second, strict=True):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_digit_canvases_boxes_are_tight_and_test_digits_unseen(canvases):
+    """Regenerated with their backgrounds: pixels outside every box are the background's, and each box's outer
+    rows and columns hold changed pixels; the classes are the pasted digits' and no test digit is a train one."""
+    _, train, test = canvases
+    digits = load_digits()
+    examples = {"train": iter(train), "test": iter(test)}
+    used = {"train": set(), "test": set()}
+    for split, background, image, boxes, digit_ids in data._canvases(digits.images):
+        e = next(examples[split])
+        np.testing.assert_array_equal(e["image"], image)
+        np.testing.assert_array_equal(e["boxes"] * 128, boxes)
+        np.testing.assert_array_equal(e["classes"], digits.target[digit_ids])
+        changed = np.any(image != background, axis=-1)
+        outside = np.ones((128, 128), bool)
+        for ymin, xmin, ymax, xmax in boxes.astype(int):
+            outside[ymin:ymax, xmin:xmax] = False
+            inside = changed[ymin:ymax, xmin:xmax]
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        assert not changed[outside].any()
+        used[split].update(digit_ids)
+    assert next(examples["train"], None) is None and next(examples["test"], None) is None
+    assert not used["train"] & used["test"]
+    assert len(used["test"]) > 200 and len(used["train"]) > 1000
+
+
+def test_load_dispatch_and_bundled():
+    assert list(data.BUNDLED) == ["digit-canvases"] and data.BUNDLED["digit-canvases"] is data.embedded_digit_canvases
+    with pytest.raises(ValueError, match="not both"):
+        data.load("coco/2017", coco_folder="x")
+    with pytest.raises(ValueError, match="unsupported detection dataset 'mnist'; tfds ones: coco/2017, voc/2007"):
+        data.load("mnist")
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        data.load(coco_folder="no_such_folder")
+
+
+# --- COCO folders ---------------------------------------------------------------------------------
+
+
+def _png(path, width, height, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def _coco(images, annotations):
+    categories = [{"id": 7, "name": "dog", "supercategory": "animal"}, {"id": 3, "name": "cat"}]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _write_json(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(content if isinstance(content, str) else json.dumps(content))
+
+
+def _default_folder(root):
+    """A CVAT-style export: images/ and annotations/instances_default.json; returns the COCO dict and pixels."""
+    sizes = {5: (40, 30), 8: (20, 20), 9: (40, 30), 11: (40, 30), 12: (40, 30)}  # width, height
+    pixels = {i: _png(str(root / "images" / f"{i}.png"), w, h, i) for i, (w, h) in sizes.items()}
+    images = [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in sizes.items()]
+    annotations = [
+        {"id": 17, "image_id": 5, "category_id": 7, "bbox": [4, 6, 10, 12], "iscrowd": 0},
+        {"id": 18, "image_id": 5, "category_id": 3, "bbox": [30.5, 20, 20, 20], "iscrowd": 0},  # reaches outside
+        {"id": 19, "image_id": 5, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1},  # crowd: skipped
+        {"id": 20, "image_id": 9, "category_id": 3, "bbox": [0, 0, 40, 30]},
+        {"id": 21, "image_id": 11, "category_id": 7, "bbox": [2.25, 3.5, 7, 1.5]},
+        {"id": 22, "image_id": 12, "category_id": 7, "bbox": [1, 2, 3, 4]},
+    ]
+    coco = _coco(images, annotations)
+    _write_json(str(root / "annotations" / "instances_default.json"), coco)
+    return coco, pixels
+
+
+def test_coco_folder_single_json(tmp_path):
+    _, pixels = _default_folder(tmp_path)
+    d = data.from_coco_folder(str(tmp_path))
+    assert d.class_names == ["cat", "dog"] and d.category_ids == [3, 7] and d.num_classes == 2
+    assert (d.num_train, d.size_source, d.clipped, d.name) == (4, "counted", 1, tmp_path.name)
+    train, test = _examples(d.train), _examples(d.test)
+    assert (len(train), len(test)) == (4, 1) and int(d.train.cardinality()) == 4
+    by_id = {int(e["image_id"]): e for e in train + test}
+    assert sorted(by_id) == [5, 8, 9, 11, 12]
+    assert sorted(d.files) == sorted(str(tmp_path / "images" / f"{i}.png") for i in by_id)
+    for image_id, e in by_id.items():
+        _check_example(e, 2)
+        np.testing.assert_array_equal(e["image"], pixels[image_id])
+    expected = {
+        5: ([[6 / 30, 4 / 40, 18 / 30, 14 / 40], [20 / 30, 30.5 / 40, 1, 1]], [1, 0]),
+        8: (np.zeros((0, 4)), []),
+        9: ([[0, 0, 1, 1]], [0]),
+        11: ([[3.5 / 30, 2.25 / 40, 5 / 30, 9.25 / 40]], [1]),
+        12: ([[2 / 30, 1 / 40, 6 / 30, 4 / 40]], [1]),
+    }
+    for image_id, (boxes, classes) in expected.items():
+        np.testing.assert_array_equal(by_id[image_id]["boxes"], np.array(boxes, np.float32).reshape(-1, 4))
+        np.testing.assert_array_equal(by_id[image_id]["classes"], classes)
+    train_sizes = {e["image"].shape[:2] for e in train}
+    assert d.image_size == (train_sizes.pop() if len(train_sizes) == 1 else None)
+
+
+def test_coco_folder_train_val_jsons(tmp_path):
+    pixels = {
+        "train": [_png(str(tmp_path / "train2017" / f"{i}.png"), 16, 12, i) for i in range(3)],
+        "val": [_png(str(tmp_path / "val2017" / "0.png"), 16, 12, 10)],
+    }
+    _png(str(tmp_path / "images" / "0.png"), 16, 12, 99)  # found later in the search order: unused
+    for split, n in (("train", 3), ("val", 1)):
+        images = [
+            {"id": 100 * (split == "val") + i, "file_name": f"{i}.png", "width": 16, "height": 12} for i in range(n)
+        ]
+        annotations = [{"id": 1, "image_id": images[0]["id"], "category_id": 3, "bbox": [0, 0, 8, 6], "iscrowd": 0}]
+        _write_json(str(tmp_path / "annotations" / f"instances_{split}2017.json"), _coco(images, annotations))
+    _write_json(str(tmp_path / "annotations" / "captions_train2017.json"), {"annotations": []})
+    d = data.from_coco_folder(str(tmp_path))
+    train, test = _examples(d.train), _examples(d.test)
+    assert (d.num_train, len(train), len(test), d.image_size, d.clipped) == (3, 3, 1, (12, 16), 0)
+    assert [int(e["image_id"]) for e in train] == [0, 1, 2] and int(test[0]["image_id"]) == 100
+    for e, expected in zip(train + test, pixels["train"] + pixels["val"], strict=True):
+        np.testing.assert_array_equal(e["image"], expected)
+    np.testing.assert_array_equal(test[0]["boxes"], [[0, 0, 0.5, 0.5]])
+    assert d.train.element_spec["image"].shape == (12, 16, 3)
+
+
+def _broken(root, change):
+    """Loads the default folder with `change(coco)` applied to its JSON."""
+    coco, _ = _default_folder(root)
+    change(coco)
+    _write_json(str(root / "annotations" / "instances_default.json"), coco)
+    return data.from_coco_folder(str(root))
+
+
+def _annotation(coco, annotation_id):
+    return next(a for a in coco["annotations"] if a["id"] == annotation_id)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (
+            lambda c: _annotation(c, 17).update(image_id=99),
+            ValueError,
+            "annotation 17: image 99 is not among the images",
+        ),
+        (
+            lambda c: _annotation(c, 17).update(category_id=4),
+            ValueError,
+            r"annotation 17 \(image 5\): category 4 is not among the categories \[3, 7\]",
+        ),
+        (
+            lambda c: _annotation(c, 17).update(bbox=[10, 10, 0, 5]),
+            ValueError,
+            r"\(image 5\): width 0 box \[10, 10, 0, 5\]",
+        ),
+        (lambda c: _annotation(c, 21).update(bbox=[1, 1, 5, -2]), ValueError, r"21 \(image 11\): height -2 box"),
+        (
+            lambda c: _annotation(c, 21).update(bbox=[1, 1, 5]),
+            ValueError,
+            r"21 \(image 11\): box \[1, 1, 5\] is not \[",
+        ),
+        (lambda c: _annotation(c, 21).update(bbox=[40, 2, 5, 5]), ValueError, "21 .* lies outside the 40x30 image"),
+        (lambda c: _annotation(c, 21).pop("category_id"), ValueError, r"annotation 21 \(image 11\): no 'category_id'"),
+        (lambda c: c["images"][1].update(file_name="gone.png"), FileNotFoundError, "image 8: gone.png is in none of"),
+        (
+            lambda c: c["images"][1].update(width=21),
+            ValueError,
+            "8.png: 20x20 pixels, but instances_default.json says 21x20",
+        ),
+        (lambda c: c["images"].append(dict(c["images"][0])), ValueError, "image id 5 appears twice"),
+        (lambda c: c.pop("categories"), ValueError, "instances_default.json: not a COCO instances file"),
+    ],
+)
+def test_coco_folder_bad_annotations(tmp_path, change, error, message):
+    with pytest.raises(error, match=message):
+        _broken(tmp_path, change)
+
+
+def test_coco_folder_bad_files_and_layouts(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "annotations")) + ": no such folder"):
+        data.from_coco_folder(str(tmp_path))
+    os.makedirs(tmp_path / "annotations")
+    with pytest.raises(FileNotFoundError, match="no annotations JSON"):
+        data.from_coco_folder(str(tmp_path))
+
+    _default_folder(tmp_path)
+    with open(tmp_path / "images" / "9.png", "wb") as f:
+        f.write(b"not an image at all")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "images" / "9.png")) + ": not a readable"):
+        data.from_coco_folder(str(tmp_path))
+
+    path = tmp_path / "annotations" / "instances_default.json"
+    _write_json(str(path), '{"images": [')
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": not valid JSON"):
+        data.from_coco_folder(str(tmp_path))
+
+    _write_json(str(tmp_path / "annotations" / "other.json"), {})
+    with pytest.raises(ValueError, match="expected instances_train.*found instances_default.json, other.json"):
+        data.from_coco_folder(str(tmp_path))
+
+
+def test_coco_folder_val_categories_must_match_and_one_image_is_too_few(tmp_path):
+    _png(str(tmp_path / "images" / "0.png"), 8, 8, 0)
+    image = [{"id": 0, "file_name": "0.png", "width": 8, "height": 8}]
+    _write_json(str(tmp_path / "annotations" / "instances_default.json"), _coco(image, []))
+    with pytest.raises(ValueError, match="instances_default.json: 1 images, too few to split"):
+        data.from_coco_folder(str(tmp_path))
+    os.remove(tmp_path / "annotations" / "instances_default.json")
+    _write_json(str(tmp_path / "annotations" / "instances_train.json"), _coco(image, []))
+    val = _coco(image, [])
+    val["categories"][0]["name"] = "wolf"
+    _write_json(str(tmp_path / "annotations" / "instances_val.json"), val)
+    with pytest.raises(ValueError, match="instances_val.json: categories differ from instances_train.json's"):
+        data.from_coco_folder(str(tmp_path))
+
+
+# --- tfds -----------------------------------------------------------------------------------------
+
+
+def _raw_examples(name, count):
+    """Consistent random examples with the features of tfds `name` that the loader reads."""
+    rng = np.random.default_rng(3)
+    flag = "is_crowd" if name.startswith("coco") else "is_difficult"
+    examples = []
+    for i in range(count):
+        n = [0, 3, 5, 1][i % 4]
+        corners = np.sort(rng.uniform(0, 1, (n, 2, 2)).astype(np.float32), axis=1)
+        boxes = corners.transpose(0, 2, 1).reshape(n, 4)[:, [0, 2, 1, 3]]
+        if n >= 3:
+            boxes[2, 2] = boxes[2, 0]  # no height: dropped
+        objects = {"bbox": boxes, "label": rng.integers(0, 20, n), flag: rng.random(n) < 0.4}
+        example = {"image": rng.integers(0, 256, (9 + i, 7, 3), dtype=np.uint8), "objects": objects}
+        if name.startswith("coco"):
+            example["image/id"] = np.int64(1000 + 7 * i)
+        examples.append(example)
+    return examples
+
+
+def _mock(name, count, requested):
+    """`tfds.testing.mock_data` yielding `_raw_examples(name, count)` for every split; splits go to `requested`."""
+    examples = _raw_examples(name, count)
+    signature = tf.nest.map_structure(lambda x: tf.TensorSpec([None] * np.ndim(x), tf.as_dtype(x.dtype)), examples[0])
+
+    def as_dataset(self, split, **kwargs):
+        requested.append(str(split))
+        return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
+
+    return tfds.testing.mock_data(num_examples=count, as_dataset_fn=as_dataset), examples
+
+
+@pytest.mark.parametrize(
+    "name, default_splits", [("coco/2017", ["train", "validation"]), ("voc/2007", ["train", "test"])]
+)
+def test_from_tfds_drops_crowd_difficult_and_empty_boxes(name, default_splits):
+    requested = []
+    mock, raw = _mock(name, 6, requested)
+    with mock:
+        d = data.load(name)
+        train, test = _examples(d.train), _examples(d.test)
+    flag = "is_crowd" if name == "coco/2017" else "is_difficult"
+    assert set(requested) == set(default_splits)
+    assert (d.num_train, d.size_source, d.image_size, d.name, len(train), len(test)) == (6, "counted", None, name, 6, 6)
+    assert d.num_classes == (80 if name == "coco/2017" else 20) and int(d.train.cardinality()) == 6
+    dropped = 0
+    for i, (e, r) in enumerate(zip(train, raw, strict=True)):
+        _check_example(e, d.num_classes)
+        boxes = r["objects"]["bbox"]
+        keep = ~r["objects"][flag] & (boxes[:, 2] > boxes[:, 0])
+        dropped += (~keep).sum()
+        np.testing.assert_array_equal(e["image"], r["image"])
+        np.testing.assert_array_equal(e["boxes"], boxes[keep])
+        np.testing.assert_array_equal(e["classes"], r["objects"]["label"][keep])
+        assert int(e["image_id"]) == (1000 + 7 * i if name == "coco/2017" else i)
+    assert dropped >= 2 and sum(len(e["classes"]) for e in train) >= 2
+
+
+def test_from_tfds_custom_splits():
+    requested = []
+    mock, _ = _mock("voc/2012", 2, requested)
+    with mock:
+        d = data.from_tfds("voc/2012", train_split="train[:50%]", test_split="validation")
+        assert data.from_tfds("voc/2012").num_train == 2
+    # the train split is read twice per load: counted (the mock has no split metadata), then loaded
+    assert requested == ["train[:50%]"] * 2 + ["validation"] + ["train"] * 2 + ["validation"] and d.num_train == 2
