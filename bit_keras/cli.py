@@ -1,4 +1,5 @@
-"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `pretrain`, `export`, `predict`)."""
+"""`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `pretrain`, `finetune-detector`,
+`export`, `predict`, `detect`)."""
 
 import argparse
 import json
@@ -57,21 +58,22 @@ def _train(args):
     args.recipe(**options, verbose=0 if args.quiet else 1)
 
 
-def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution):
+def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classification=True):
     """The flags of every training subcommand (`bit_keras.training.engine.RunOptions`); the arguments are the
-    `(default, help)` of those whose default depends on the recipe (`dataset`: its help only)."""
+    `(default, help)` of those whose default depends on the recipe (`dataset`: its help only). Detection
+    (`classification=False`) reads no image folders and no manual tfds downloads."""
     from bit_keras.training.strategy import STRATEGIES
 
     p.add_argument(
         "--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: from data and model)"
     )
     p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
-    p.add_argument(
-        "--dataset", default=None, help=f"tensorflow-datasets name {dataset} or a bundled one (digits, mnist5k)"
-    )
-    p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
+    p.add_argument("--dataset", default=None, help=dataset)
+    if classification:
+        p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
     p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
-    p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
+    if classification:
+        p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
     p.add_argument("--train_split", default="train", help="tfds training split (default: train)")
     p.add_argument("--test_split", default="test", help="tfds test (held-out) split (default: test)")
     p.add_argument("--batch", type=int, default=batch[0], help=f"global batch ({batch[1]})")
@@ -107,7 +109,7 @@ def _add_finetune(sub):
     )
     _add_run_flags(
         p,
-        dataset="(e.g. cifar10)",
+        dataset="tensorflow-datasets name (e.g. cifar10) or a bundled one (digits, mnist5k)",
         batch=(None, "HyperRule: 512"),
         base_lr=(None, "learning rate at batch 512 (HyperRule: 0.003)"),
         eval_every=(None, "evaluate and checkpoint every N steps (default: a tenth of the run)"),
@@ -134,7 +136,7 @@ def _add_pretrain(sub):
     p.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1 or R26x0.5 (default R50x1)")
     _add_run_flags(
         p,
-        dataset="(e.g. imagenet2012)",
+        dataset="tensorflow-datasets name (e.g. imagenet2012) or a bundled one (digits, mnist5k)",
         batch=(upstream.BATCH, f"default {upstream.BATCH}"),
         base_lr=(upstream.BASE_LR, f"lr per 256 examples (default {upstream.BASE_LR})"),
         eval_every=(None, "evaluate and checkpoint every N steps (default: an epoch)"),
@@ -155,12 +157,67 @@ def _add_pretrain(sub):
     p.set_defaults(func=_train, recipe=pretrain)
 
 
+def _add_finetune_detector(sub):
+    from bit_keras.detection.finetune import DEFAULTS, EMBEDDED, finetune_detector
+
+    embedded = ", ".join(f"{k} {v}" for k, v in EMBEDDED.items())
+    p = sub.add_parser(
+        "finetune-detector",
+        help="fine-tune a RetinaNet on a BiT backbone (the paper's detection transfer)",
+        description="Fine-tune a RetinaNet (feature pyramid, focal loss) on a BiT backbone with the paper's COCO "
+        "recipe: 30 epochs, lr 0.08 at batch 256 (scaled to --batch) divided by 10 at epochs 16 and 22, momentum "
+        "0.9, weight decay 1e-4, flips and scale jitter; scored with COCO AP (pycocotools). Without --dataset or "
+        f"--coco_folder: the offline digit canvases with {embedded} (each overridable).",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"the backbone: checkpoint name (default {DEFAULTS['model']}), "
+        "official .npz path/URL, architecture (from scratch) or .keras BiT",
+    )
+    _add_run_flags(
+        p,
+        dataset="coco/2017, voc/2007 or voc/2012 (tensorflow-datasets) or digit-canvases",
+        batch=(None, f"paper: {DEFAULTS['batch']}"),
+        base_lr=(None, f"learning rate at batch 256 (paper: {DEFAULTS['base_lr']})"),
+        eval_every=(None, "evaluate (test loss, COCO AP) and checkpoint every N steps (default: a tenth of the run)"),
+        resolution=(None, f"square input side, a multiple of 128 (paper: {DEFAULTS['resolution']})"),
+        classification=False,
+    )
+    p.add_argument("--coco_folder", default=None, help="a COCO-format folder: images and annotations/instances*.json")
+    p.add_argument("--epochs", type=float, default=None, help=f"epochs (paper: {DEFAULTS['epochs']})")
+    p.add_argument("--steps", type=int, default=None, help="total steps, replacing what the epochs give")
+    p.add_argument("--fpn_channels", type=int, default=None, help=f"pyramid width (paper: {DEFAULTS['fpn_channels']})")
+    p.add_argument("--head_channels", type=int, default=None, help=f"subnet width (paper: {DEFAULTS['head_channels']})")
+    p.add_argument(
+        "--head_depth", type=int, default=None, help=f"subnet convolutions (paper: {DEFAULTS['head_depth']})"
+    )
+    p.add_argument("--head_norm", action="store_true", help="group normalization in the subnets (small batches)")
+    p.add_argument("--freeze_backbone", action="store_true", help="train only the pyramid and the subnets")
+    p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
+    p.add_argument("--cache_dir", default=None, help="download cache directory")
+    p.set_defaults(func=_train, recipe=finetune_detector)
+
+
+def _detect(args):
+    from bit_keras.detection.detect import detect, print_table
+
+    results = detect(args.model, args.images, args.score_threshold, args.out)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+
+
 def _export(args):
     from bit_keras.models.resolve import resolve_model
     from bit_keras.serving.export import export
 
     if (args.run is None) == (args.model is None):
         raise ValueError("give exactly one of --model (a name, .npz or .keras file) and --run (a run folder)")
+    if args.run is not None and _is_detection_run(args.run):
+        _export_detector(args)
+        return
     source = resolve_model(
         args.run or args.model,
         weights=args.weights,
@@ -175,6 +232,34 @@ def _export(args):
     out = args.out or os.path.join("exports", source.name, kind)
     out = export(source.model, out, kind, class_names, source.image_size, top_k=args.top_k, overwrite=args.overwrite)
     print(f"wrote {out}: {kind} export of {source.name}")
+
+
+def _is_detection_run(folder):
+    """Whether `folder` is a `finetune-detector` run (its run.json describes a detector)."""
+    path = os.path.join(folder, "run.json")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return "detector" in json.load(f)
+
+
+def _export_detector(args):
+    import keras
+
+    from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
+    from bit_keras.serving.export import export_detector
+
+    given = [flag for flag in ("weights", "labels", "image_size", "kind") if getattr(args, flag) is not None]
+    if given:
+        raise ValueError(f"{args.run} is a detection run: it has its own weights, labels and size (drop --{given[0]})")
+    model_path = os.path.join(args.run, MODEL_FILE)
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"{model_path} does not exist (is the run in {args.run} finished?)")
+    name = os.path.basename(os.path.abspath(args.run))
+    out = args.out or os.path.join("exports", name, "detection")
+    model = keras.saving.load_model(model_path)
+    out = export_detector(model, out, read_labels(os.path.join(args.run, CLASS_NAMES_FILE)), overwrite=args.overwrite)
+    print(f"wrote {out}: detection export of {name}")
 
 
 def _predict(args):
@@ -213,10 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_finetune(sub)
     _add_pretrain(sub)
+    _add_finetune_detector(sub)
 
     export = sub.add_parser("export", help="write a TF-Hub-style SavedModel (feature vector or classifier)")
     export.add_argument("--model", default=None, help="checkpoint name, architecture, .npz, or .keras file")
-    export.add_argument("--run", default=None, help="a bit-keras finetune run folder (instead of --model)")
+    export.add_argument("--run", default=None, help="a finetune or finetune-detector run folder (instead of --model)")
     export.add_argument("--weights", default=None, help="an .npz path or URL for --model (default: pretrained)")
     export.add_argument(
         "--kind",
@@ -241,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cache_dir", default=None, help="download cache directory")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.set_defaults(func=_predict)
+
+    detect = sub.add_parser("detect", help="detected objects in image files, printed and drawn as PNGs")
+    detect.add_argument("--model", required=True, help="a finetune-detector run folder, its model.keras or its export")
+    detect.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP)")
+    detect.add_argument("--out", default="detections", help="folder for the drawn PNGs (default: detections)")
+    detect.add_argument("--score_threshold", type=float, default=0.5, help="lowest score shown (default 0.5)")
+    detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    detect.set_defaults(func=_detect)
     return parser
 
 

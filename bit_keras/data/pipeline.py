@@ -53,6 +53,42 @@ def train_batches(
         raise ValueError(f"crop {crop} is larger than resize {resize}")
     if mixup_alpha and not num_classes:
         raise ValueError("MixUp needs num_classes (it mixes one-hot labels into soft targets)")
+    examples = example_stream(dataset, batch_size, seed, start_step, cache, shuffle_buffer)
+
+    def augment(example, i):
+        image, label = example
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed(seed, i), 2))
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if inception_crop:
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(image),
+                tf.zeros([1, 0, 4]),
+                seed=crop_seed,
+                min_object_covered=0.0,
+                aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0),
+                use_image_if_no_bounding_boxes=True,
+            )
+            image = tf.image.resize(tf.slice(image, begin, size), (crop, crop))
+        else:
+            image = tf.image.resize(image, (resize, resize))
+            image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=crop_seed)
+        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), _target(label, num_classes)
+
+    batches = examples.map(augment, num_parallel_calls=AUTOTUNE)
+    batches = batches.batch(batch_size, drop_remainder=True)
+    if mixup_alpha:
+        steps_from = tf.data.Dataset.counter(start_step)
+        mix = lambda batch, s: mixup(*batch, mixup_alpha, seed=_stream_seed(seed, _BATCH, s))
+        batches = tf.data.Dataset.zip((batches, steps_from)).map(mix, num_parallel_calls=AUTOTUNE)
+    if steps is not None:
+        batches = batches.take(steps - start_step)
+    return batches.prefetch(AUTOTUNE)
+
+
+def example_stream(dataset, batch_size, seed=0, start_step=0, cache=None, shuffle_buffer=None):
+    """The examples of `dataset` in the order training sees them from batch `start_step` of `batch_size` on,
+    each paired with its position in the stream (for `example_seed`); see `train_batches`."""
     size = int(dataset.cardinality())
     if size < 1:
         raise ValueError(
@@ -75,37 +111,12 @@ def train_batches(
         return dataset.shuffle(shuffle_buffer, seed=pass_seed, reshuffle_each_iteration=False)
 
     stream = tf.data.Dataset.counter(first_pass).flat_map(one_pass).skip(skip)
-    positions = tf.data.Dataset.counter(start_step * batch_size)
+    return tf.data.Dataset.zip((stream, tf.data.Dataset.counter(start_step * batch_size)))
 
-    def augment(example, i):
-        image, label = example
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(_stream_seed(seed, _EXAMPLE, i), 2))
-        image = tf.image.convert_image_dtype(image, tf.float32)
-        if inception_crop:
-            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(image),
-                tf.zeros([1, 0, 4]),
-                seed=crop_seed,
-                min_object_covered=0.0,
-                aspect_ratio_range=(3 / 4, 4 / 3),
-                area_range=(0.08, 1.0),
-                use_image_if_no_bounding_boxes=True,
-            )
-            image = tf.image.resize(tf.slice(image, begin, size), (crop, crop))
-        else:
-            image = tf.image.resize(image, (resize, resize))
-            image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=crop_seed)
-        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), _target(label, num_classes)
 
-    batches = tf.data.Dataset.zip((stream, positions)).map(augment, num_parallel_calls=AUTOTUNE)
-    batches = batches.batch(batch_size, drop_remainder=True)
-    if mixup_alpha:
-        steps_from = tf.data.Dataset.counter(start_step)
-        mix = lambda batch, s: mixup(*batch, mixup_alpha, seed=_stream_seed(seed, _BATCH, s))
-        batches = tf.data.Dataset.zip((batches, steps_from)).map(mix, num_parallel_calls=AUTOTUNE)
-    if steps is not None:
-        batches = batches.take(steps - start_step)
-    return batches.prefetch(AUTOTUNE)
+def example_seed(seed, position):
+    """The stateless-RNG seed of the augmentation of the example at `position` of the training stream."""
+    return _stream_seed(seed, _EXAMPLE, position)
 
 
 _PASS, _EXAMPLE, _BATCH = 0, 1, 2  # independent random streams derived from one seed
@@ -146,7 +157,8 @@ def decode_and_resize(encoded, size):
 
 def _small(dataset):
     """Whether the dataset's size is known and its images have a static shape taking at most `CACHE_BYTES`."""
-    size, spec = int(dataset.cardinality()), dataset.element_spec[0]
+    size, spec = int(dataset.cardinality()), dataset.element_spec
+    spec = spec["image"] if isinstance(spec, dict) else spec[0]  # detection examples, or (image, label) pairs
     if size < 0 or not spec.shape.is_fully_defined():
         return False
     return size * spec.shape.num_elements() * spec.dtype.size <= CACHE_BYTES

@@ -25,7 +25,7 @@ def predict(
     preprocessed the same way: decoded to RGB, resized to `image_size` without keeping the aspect ratio.
     Unreadable image files are a ValueError naming the file.
     """
-    encoded = [_read(path) for path in images]
+    encoded = [read_image(path) for path in images]
     if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
         if labels or image_size:
             raise ValueError(
@@ -61,7 +61,7 @@ def predict(
     ]
 
 
-def _read(path: str) -> bytes:
+def read_image(path: str) -> bytes:
     """The file's bytes, checked to decode as an image."""
     try:
         with open(path, "rb") as f:

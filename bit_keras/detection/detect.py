@@ -1,0 +1,107 @@
+"""Detections in image files, with a detection run folder, its `.keras` model or its export, drawn as PNGs."""
+
+import os
+
+import keras
+import tensorflow as tf
+
+from bit_keras.data.pipeline import decode_and_resize
+from bit_keras.detection import drawing
+from bit_keras.detection.retinanet import RetinaNet
+from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
+from bit_keras.serving.predict import read_image
+
+SCORE_THRESHOLD = 0.5  # detections shown by default
+
+
+def detect(model: str, images: list[str], score_threshold: float = SCORE_THRESHOLD, out: str | None = None):
+    """`[{"image": path, "detections": [{"class", "label", "score", "box"}, ...], "picture": png}, ...]`, best
+    first; `box` is (ymin, xmin, ymax, xmax) normalized to the image.
+
+    `model` is a detection export directory (its `serving_bytes` signature decodes, resizes, detects and names),
+    a finished `bit-keras finetune-detector` run folder or its `model.keras` (class names from `class_names.txt`
+    beside it), preprocessed the same way. Detections scoring at least `score_threshold` are kept. With `out`,
+    each image is written there with its boxes and labels drawn, as `out/NAME.png` ("picture" in the result).
+    Unreadable image files are a ValueError naming the file, before anything is written.
+    """
+    number = isinstance(score_threshold, int | float) and not isinstance(score_threshold, bool)
+    if not (number and 0 <= score_threshold <= 1):
+        raise ValueError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
+    encoded = [read_image(path) for path in images]
+    found = _detector(model)(encoded)
+    results = []
+    for i, path in enumerate(images):
+        keep = [j for j in range(int(found["count"][i])) if found["scores"][i][j] >= score_threshold]
+        detections = [
+            {
+                "class": int(found["classes"][i][j]),
+                "label": found["labels"][i][j],
+                "score": float(found["scores"][i][j]),
+                "box": [float(v) for v in found["boxes"][i][j]],
+            }
+            for j in keep
+        ]
+        result = {"image": str(path), "detections": detections}
+        if out is not None:
+            os.makedirs(out, exist_ok=True)
+            picture = os.path.join(out, f"{os.path.splitext(os.path.basename(path))[0]}.png")
+            image = tf.io.decode_image(encoded[i], channels=3, expand_animations=False).numpy()
+            names = [d["label"] for d in detections]
+            drawn = drawing.draw_boxes(
+                image, [d["box"] for d in detections], range(len(names)), names, [d["score"] for d in detections]
+            )
+            drawing.save_png(drawn, picture)
+            result["picture"] = picture
+        results.append(result)
+    return results
+
+
+def _detector(model: str):
+    """A function of encoded images -> {"boxes", "scores", "classes", "labels", "count"} (numpy, per image)."""
+    model = str(model)
+    if os.path.isdir(model) and os.path.exists(os.path.join(model, "saved_model.pb")):
+        signatures = tf.saved_model.load(model).signatures
+        if "serving_bytes" not in signatures or "detection_boxes" not in signatures["serving_bytes"].structured_outputs:
+            raise ValueError(f"{model} is not a detection export (no detection serving_bytes signature)")
+
+        def run_export(encoded):
+            out = {k: v.numpy() for k, v in signatures["serving_bytes"](image_bytes=tf.constant(encoded)).items()}
+            return {
+                "boxes": out["detection_boxes"],
+                "scores": out["detection_scores"],
+                "classes": out["detection_classes"].astype(int) - 1,
+                "labels": [[n.decode() for n in row] for row in out["detection_labels"]],
+                "count": out["num_detections"].astype(int),
+            }
+
+        return run_export
+
+    path = os.path.join(model, MODEL_FILE) if os.path.isdir(model) else model
+    if not path.endswith(".keras") or not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist (--model: a detection run folder, .keras file or export)")
+    detector = keras.saving.load_model(path)
+    if not isinstance(detector, RetinaNet):
+        raise ValueError(f"{path} holds a {type(detector).__name__}, not a bit_keras RetinaNet")
+    names_path = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_NAMES_FILE)
+    names = read_labels(names_path) if os.path.exists(names_path) else [str(i) for i in range(detector.num_classes)]
+    size = detector.image_size
+
+    def run_model(encoded):
+        images = tf.stack([decode_and_resize(data, size) for data in encoded])
+        out = {k: keras.ops.convert_to_numpy(v) for k, v in detector.decode(detector(images, training=False)).items()}
+        labels = [[names[c] if c >= 0 else "" for c in row] for row in out["classes"]]
+        return {**out, "labels": labels, "count": out["num_detections"]}
+
+    return run_model
+
+
+def print_table(results) -> None:
+    """The detections of each image, one line each."""
+    for result in results:
+        found = result["detections"]
+        print(f"{result['image']}: {len(found)} detection{'' if len(found) == 1 else 's'}", end="")
+        print(f" (drawn in {result['picture']})" if "picture" in result else "")
+        width = max((len(d["label"]) for d in found), default=0)
+        for d in found:
+            box = ", ".join(f"{v:.3f}" for v in d["box"])
+            print(f"  {d['label']:<{width}}  {d['score']:.3f}  box (ymin, xmin, ymax, xmax) [{box}]")

@@ -1,0 +1,307 @@
+"""Detection fine-tuning: a RetinaNet on a BiT backbone trained with the paper's recipe on the run engine
+(`DetectionRecipe`, `DetectionRule`) and `finetune_detector`, which builds and runs it."""
+
+import dataclasses
+import functools
+import math
+import os
+
+import keras
+import tensorflow as tf
+
+from bit_keras.detection import data as data_lib
+from bit_keras.detection import evaluation, pipeline
+from bit_keras.detection.objective import FocalLoss
+from bit_keras.detection.retinanet import MAX_LEVEL, create_detector, label_encoder
+from bit_keras.models import resolve
+from bit_keras.training import engine
+from bit_keras.training.hyperrule import HyperRuleSchedule
+from bit_keras.training.run_folder import RunFolder, RunResult
+
+# The paper's COCO recipe (BiT section 4.3, the standard RetinaNet one): 30 epochs of batch 256 at 1024px,
+# SGD momentum 0.9, lr 0.08 divided by 10 at epochs 16 and 22, weight decay 1e-4.
+EPOCHS, BATCH, BASE_LR, DECAY_EPOCHS = 30, 256, 0.08, (16, 22)
+MOMENTUM, WEIGHT_DECAY, IMAGE_SIZE = 0.9, 1e-4, 1024
+WARMUP_STEPS = 500  # linear warmup (Detectron's RetinaNet; the paper does not say), at most a tenth of the run
+DEFAULTS = {"model": "BiT-M-R50x1", "batch": BATCH, "base_lr": BASE_LR, "resolution": IMAGE_SIZE, "epochs": EPOCHS}
+DEFAULTS |= {"fpn_channels": 256, "head_channels": 256, "head_depth": 4}  # the paper's pyramid and subnets
+# With no data given: the digit canvases, the small BiT shipped in the package, and a small pyramid and heads
+# (64 channels, 2 convolutions) so that the run takes minutes on 2 CPU cores.
+EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 16, "base_lr": 0.08, "resolution": 128, "epochs": 24}
+EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2}
+SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100  # detections scored by COCO AP (COCO's evaluation settings)
+GRID_IMAGES = 8  # test images drawn in detections.png
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionRule:
+    """The paper's schedule scaled to a run: `epochs` over `num_train` images at `batch` (steps), the learning
+    rate scaled linearly from `base_lr` at batch 256, the decays at the same fractions of the run."""
+
+    num_train: int
+    batch: int
+    base_lr: float
+    epochs: float
+    steps: int
+    momentum: float = MOMENTUM
+    weight_decay: float = WEIGHT_DECAY
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch / BATCH
+
+    @property
+    def supports(self) -> tuple[int, ...]:
+        """The steps at which the warmup ends, the rate drops by 10 (twice) and training stops."""
+        warmup = max(1, min(WARMUP_STEPS, self.steps // 10))
+        first, second = (round(self.steps * epoch / EPOCHS) for epoch in DECAY_EPOCHS)
+        first = max(first, warmup + 1)
+        second = max(second, first + 1)
+        return warmup, first, second, max(self.steps, second + 1)
+
+    @property
+    def eval_every(self) -> int:
+        """The default evaluation interval: a tenth of the run."""
+        return max(1, math.ceil(self.steps / 10))
+
+    def learning_rate_schedule(self):
+        return HyperRuleSchedule(self.lr, self.supports)
+
+    def describe(self) -> list[str]:
+        warmup, first, second, _ = self.supports
+        from_epochs = max(1, round(self.epochs * self.num_train / self.batch))
+        steps = f"{self.epochs:g} epochs x {self.num_train:,} images / batch {self.batch} = {from_epochs} steps"
+        if from_epochs != self.steps:
+            steps = f"{self.steps} steps (given; {steps})"
+        return [
+            f"RetinaNet recipe: {steps}; lr {self.base_lr:g} x {self.batch}/{BATCH} = {self.lr:g}, linear warmup over "
+            f"{warmup} steps, /10 after steps {first} and {second} (epochs {DECAY_EPOCHS[0]} and {DECAY_EPOCHS[1]} "
+            f"of {EPOCHS}); SGD momentum {self.momentum:g}, weight decay {self.weight_decay:g}",
+        ]
+
+
+def detection_rule(num_train: int, batch: int, base_lr: float, epochs: float, steps: int | None = None):
+    """The `DetectionRule` of a run; `steps` replaces the number of steps `epochs` gives."""
+    if steps is None:
+        steps = max(1, round(epochs * num_train / batch))
+    if steps < 4:
+        raise ValueError(f"steps must be at least 4 (warmup, two decays and the end), got {steps}")
+    return DetectionRule(num_train, batch, base_lr, epochs, steps)
+
+
+def finetune_detector(
+    dataset: str | None = None,
+    *,
+    coco_folder: str | None = None,
+    data: data_lib.DetectionData | None = None,
+    model: str | None = None,
+    name: str | None = None,
+    logdir: str = "runs",
+    data_dir: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    batch: int | None = None,
+    batch_split: int = 1,
+    base_lr: float | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    eval_every: int | None = None,
+    resolution: int | None = None,
+    fpn_channels: int | None = None,
+    head_channels: int | None = None,
+    head_depth: int | None = None,
+    head_norm: bool = False,
+    bit_pretrained_dir: str | None = None,
+    cache_dir: str | None = None,
+    strategy: str | tf.distribute.Strategy = "auto",
+    tpu: str | None = None,
+    mixed_precision: str | None = None,
+    xla: bool = False,
+    freeze_backbone: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    verbose: int = 1,
+) -> RunResult:
+    """Fine-tune a RetinaNet on a BiT backbone; returns a `bit_keras.training.run_folder.RunResult`.
+
+    Data (one of): `dataset`, "coco/2017", "voc/2007" or "voc/2012" from tensorflow-datasets (splits default to
+    train and validation, or test for VOC 2007, unless named), or "digit-canvases"; `coco_folder`, a local
+    COCO-format folder (`bit_keras.detection.data.from_coco_folder`); `data`, a `DetectionData`; none of them:
+    the digit canvases with the `EMBEDDED` settings for whatever is not given.
+
+    `model` (the backbone, default BiT-M-R50x1) is anything `bit_keras.detection.retinanet.create_detector`
+    takes. The recipe is the paper's (`DEFAULTS`): `epochs` over the training images at `batch` (the global
+    batch; `steps` replaces the count), `base_lr` at batch 256 scaled linearly to `batch`, decays at epochs 16
+    and 22 of 30, random flips and scale jitter, `resolution` x `resolution` inputs (a multiple of 128).
+    `head_norm` adds group normalization to the subnets; `freeze_backbone` trains only the pyramid and heads.
+    Evaluation (every `eval_every` steps, default a tenth of the run): the test loss and COCO AP by pycocotools.
+    The run folder, strategies, `batch_split`, mixed precision and exact resume are the engine's (see
+    `bit_keras.training.finetune.finetune`); the folder also gets `detections.png`.
+    """
+    arguments = dict(locals())
+    embedded = data is None and dataset is None and coco_folder is None
+    defaults = EMBEDDED if embedded else DEFAULTS
+    given = {k: arguments[k] if arguments[k] is not None else v for k, v in defaults.items()}
+    recipe_values = {k: given[k] for k in ("model", "epochs", "fpn_channels", "head_channels", "head_depth")}
+    recipe = engine.from_arguments(DetectionRecipe, arguments, embedded=embedded, **recipe_values)
+    options = engine.from_arguments(
+        engine.RunOptions, arguments, batch=given["batch"], base_lr=given["base_lr"], resolution=given["resolution"]
+    )
+    return engine.train(recipe, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionRecipe(engine.Recipe):
+    """RetinaNet fine-tuning with the paper's recipe (see `finetune_detector`)."""
+
+    task = "finetune-detector"
+
+    model: str
+    epochs: float
+    fpn_channels: int
+    head_channels: int
+    head_depth: int
+    embedded: bool = False  # no data given: the digit canvases
+    coco_folder: str | None = None
+    steps: int | None = None
+    head_norm: bool = False
+    bit_pretrained_dir: str | None = None
+    cache_dir: str | None = None
+    freeze_backbone: bool = False
+
+    def check(self, options: engine.RunOptions) -> None:
+        if options.image_folder is not None:
+            raise ValueError("image_folder is for classification; detection reads a COCO folder (coco_folder)")
+        if options.dataset is not None and self.coco_folder is not None:
+            raise ValueError("give either a detection dataset or a COCO folder, not both")
+        for flag in ("steps", "fpn_channels", "head_channels", "head_depth"):
+            engine.check_int(flag, getattr(self, flag))
+        engine.check_finite("epochs", self.epochs, positive=True)
+        if options.resolution % 2**MAX_LEVEL:
+            raise ValueError(f"resolution must be a multiple of {2**MAX_LEVEL}, got {options.resolution}")
+        if self.head_norm and self.head_channels % 32:
+            raise ValueError(
+                f"head_norm uses 32 groups: head_channels must be a multiple of 32, got {self.head_channels}"
+            )
+        resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
+
+    def load_data(self, options: engine.RunOptions) -> data_lib.DetectionData:
+        if options.data is not None:
+            return options.data
+        splits = [
+            s if s != default else None for s, default in ((options.train_split, "train"), (options.test_split, "test"))
+        ]
+        return data_lib.load(options.dataset, self.coco_folder, options.data_dir, *splits)
+
+    def plan(self, data: data_lib.DetectionData, options: engine.RunOptions) -> engine.Plan:
+        rule = detection_rule(data.num_train, options.batch, options.base_lr, self.epochs, self.steps)
+        config = {
+            "data": data.name,
+            "class_names": data.class_names,
+            "num_train": data.num_train,
+            "model": str(self.model),
+            "detector": {
+                "resolution": options.resolution,
+                "fpn_channels": self.fpn_channels,
+                "head_channels": self.head_channels,
+                "head_depth": self.head_depth,
+                "head_norm": self.head_norm,
+                "freeze_backbone": self.freeze_backbone,
+            },
+            "recipe": {**dataclasses.asdict(rule), "lr": rule.lr, "supports": list(rule.supports)},
+            "eval_every": options.eval_interval(rule),
+            "seed": options.seed,
+            "mixed_precision": options.policy,
+        }
+        description = [
+            f"data: {data.name}, {data.num_classes} classes, {data.num_train:,} training images ({data.size_source})",
+            *rule.describe(),
+            f"RetinaNet: {options.resolution}px inputs, pyramid P3-P7 of {self.fpn_channels} channels, subnets of "
+            f"{self.head_depth} x {self.head_channels} channels{' with group norm' if self.head_norm else ''}; "
+            f"random flips and scale jitter {pipeline.SCALE_JITTER[0]:g}-{pipeline.SCALE_JITTER[1]:g}",
+        ]
+        if data.clipped:
+            description.append(f"{data.clipped} boxes reached outside their image and were clipped to it")
+        model_name = os.path.basename(str(self.model)).removesuffix(".npz").removesuffix(".keras")
+        return engine.Plan(
+            f"{data.name.replace('/', '-')}-retinanet-{model_name}",
+            config,
+            rule,
+            image_size=options.resolution,
+            loss=FocalLoss,
+            description=tuple(description),
+        )
+
+    def build_model(self, data, plan: engine.Plan, options: engine.RunOptions) -> keras.Model:
+        detector = create_detector(
+            self.model,
+            data.num_classes,
+            image_size=options.resolution,
+            fpn_channels=self.fpn_channels,
+            head_channels=self.head_channels,
+            head_depth=self.head_depth,
+            head_norm=self.head_norm,
+            dtype=options.policy,
+            pretrained_dir=self.bit_pretrained_dir,
+            cache_dir=self.cache_dir,
+        )
+        if self.freeze_backbone:
+            detector.backbone.trainable = False
+        return detector
+
+    def train_batches(self, data, plan: engine.Plan, options: engine.RunOptions, start_step: int):
+        encoder = label_encoder()
+        return pipeline.train_batches(
+            data.train, encoder, plan.image_size, plan.rule.batch, seed=options.seed, start_step=start_step
+        )
+
+    def test_batches(self, data, plan: engine.Plan, options: engine.RunOptions):
+        return pipeline.eval_batches(data.test, label_encoder(), plan.image_size, plan.rule.batch)
+
+    def evaluate(self, model, data, plan: engine.Plan) -> dict:
+        truth, found = predict_dataset(model, data.test, plan.rule.batch)
+        scores = evaluation.coco_metrics(truth, found, data.num_classes)
+        return {f"test_{name}": value for name, value in scores.items()}
+
+    def save_artifacts(self, run: RunFolder, model, data, plan: engine.Plan) -> None:
+        from bit_keras.detection import drawing
+
+        truth, found = predict_dataset(model, data.test.take(GRID_IMAGES), GRID_IMAGES, images=True)
+        drawing.save_detection_grid(truth, found, data.class_names, os.path.join(run.path, "detections.png"))
+
+
+def predict_dataset(model, dataset, batch_size, images=False):
+    """Ground truth and detections (the lists `bit_keras.detection.evaluation.coco_metrics` takes) of `model` on
+    the unbatched examples of `dataset`; with `images`, the ground-truth entries keep their image (for drawing)."""
+    size = model.image_size
+
+    def prepare(example):
+        image = tf.image.convert_image_dtype(example["image"], tf.float32)
+        kept = example if images else {k: v for k, v in example.items() if k != "image"}
+        return {**kept, "input": tf.image.resize(image, (size, size)), "shape": tf.shape(example["image"])[:2]}
+
+    detect = _detector_function(model)
+    truth, found = [], []
+    batches = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).ragged_batch(batch_size)
+    for batch in batches.prefetch(tf.data.AUTOTUNE):
+        detections = {k: v.numpy() for k, v in detect(batch["input"]).items()}
+        for i, image_id in enumerate(batch["image_id"].numpy()):
+            height, width = (int(v) for v in batch["shape"][i])
+            entry = {"image_id": int(image_id), "height": height, "width": width}
+            entry |= {"boxes": batch["boxes"][i].numpy(), "classes": batch["classes"][i].numpy()}
+            if images:
+                entry["image"] = batch["image"][i].numpy()
+            truth.append(entry)
+            n = int(detections["num_detections"][i])
+            found.append(
+                {"image_id": int(image_id), **{k: detections[k][i, :n] for k in ("boxes", "scores", "classes")}}
+            )
+    return truth, found
+
+
+@functools.lru_cache(maxsize=2)
+def _detector_function(model):
+    """`model`'s detections (at COCO's evaluation thresholds) of a batch of resized images, as one graph."""
+    return tf.function(
+        lambda images: model.decode(model(images, training=False), SCORE_THRESHOLD, max_detections=MAX_DETECTIONS)
+    )

@@ -1,0 +1,299 @@
+"""RetinaNet on BiT: anchors, heads, focal loss, per-class suppression, augmented boxes, a COCO-folder run through
+the engine and our COCO evaluation path, the SavedModel export in a fresh process and `bit-keras detect`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import bit_keras
+from bit_keras.detection import data as data_lib
+from bit_keras.detection import evaluation, pipeline
+from bit_keras.detection.finetune import detection_rule, finetune_detector
+from bit_keras.detection.objective import FocalLoss
+from bit_keras.detection.retinanet import RetinaNet, anchors, create_detector, label_encoder
+from tests.finetune_helpers import ROOT
+from tests.test_cli import BIT_KERAS, _env
+
+SMALL = dict(fpn_channels=32, head_channels=32, head_depth=1)
+
+
+def test_anchor_count_for_512():
+    assert anchors(512).shape == (9 * (64**2 + 32**2 + 16**2 + 8**2 + 4**2), 4) == (49_104, 4)
+    detector = create_detector("R14x0.5", 3, image_size=256, **SMALL)
+    outputs = detector(np.zeros((1, 256, 256, 3), np.float32))
+    assert outputs["boxes"].shape == (1, 9 * (32**2 + 16**2 + 8**2 + 4**2 + 2**2), 4)
+    assert outputs["classes"].shape == (1, outputs["boxes"].shape[1], 3)
+
+
+def test_heads_initialized_as_the_paper_and_config_round_trip(tmp_path):
+    detector = create_detector("R14x0.5", 4, image_size=128, fpn_channels=32, head_channels=64, head_depth=3)
+    class_head, box_head = detector.get_layer("class_head"), detector.get_layer("box_head")
+    np.testing.assert_allclose(class_head.prediction_layer.bias.numpy(), -np.log(0.99 / 0.01), rtol=1e-6)
+    assert not np.any(box_head.prediction_layer.bias.numpy())
+    assert [c.filters for c in class_head.conv_layers] == [64] * 3
+    assert float(np.std(class_head.conv_layers[0].kernel.numpy())) == pytest.approx(0.01, rel=0.1)
+    images = np.random.default_rng(0).uniform(size=(2, 128, 128, 3)).astype(np.float32)
+    path = str(tmp_path / "detector.keras")
+    detector.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, RetinaNet) and loaded.get_config() == detector.get_config()
+    for key, value in detector(images).items():
+        np.testing.assert_allclose(loaded(images)[key].numpy(), value.numpy(), atol=1e-6)
+
+
+def test_pretrained_backbone_weights_reach_the_detector():
+    bit = bit_keras.create_model(
+        "BiT-R14x0.5-mnist5k", weights=os.path.join(ROOT, "bit_keras/weights/BiT-R14x0.5-mnist5k.npz")
+    )
+    detector = create_detector("BiT-R14x0.5-mnist5k", 2, image_size=128, **SMALL)
+    conv = detector.backbone.get_layer("block2_unit01").conv_b.kernel.numpy()
+    np.testing.assert_array_equal(conv, bit.get_layer("block2_unit01").conv_b.kernel.numpy())
+
+
+def test_focal_loss_matches_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    labels = np.array([[2, -1, -2, 0, -1, 1]], np.float32)
+    boxes, predicted = rng.normal(size=(1, 6, 4)), rng.normal(scale=0.2, size=(1, 6, 4))
+    logits = rng.normal(size=(1, 6, 3))
+    targets = {"boxes": tf.constant(boxes, tf.float32), "classes": tf.constant(labels)}
+    outputs = {"boxes": tf.constant(predicted, tf.float32), "classes": tf.constant(logits, tf.float32)}
+    objective = FocalLoss()
+    p = 1 / (1 + np.exp(-logits))
+    one_hot = np.zeros_like(p)
+    for i, c in enumerate(labels[0]):
+        if c >= 0:
+            one_hot[0, i, int(c)] = 1
+    p_t = np.where(one_hot == 1, p, 1 - p)
+    alpha_t = np.where(one_hot == 1, 0.25, 0.75)
+    focal = -alpha_t * (1 - p_t) ** 2 * np.log(p_t)
+    focal_sum = focal[0][labels[0] != -2].sum()
+    x = np.abs(boxes - predicted)
+    smooth_l1 = np.where(x < 0.1, 0.5 * x**2 / 0.1, x - 0.05)
+    box_sum = smooth_l1[0][labels[0] >= 0].sum()
+    class_sum, box = objective.parts(targets, outputs)
+    assert float(class_sum) == pytest.approx(focal_sum, rel=1e-4)
+    assert float(box) == pytest.approx(box_sum, rel=1e-4)
+    assert float(objective.normalizer(targets)) == 3.0
+    assert float(objective.loss_sum(targets, outputs)) / 3.0 == pytest.approx((focal_sum + box_sum) / 3, rel=1e-4)
+
+
+def test_decode_suppresses_per_class():
+    detector = create_detector("R14x0.5", 2, image_size=128, **SMALL)
+    boxes = anchors(128).numpy()
+    # Two anchors at one location: the 32px and 40px squares (IoU 0.64).
+    a = next(i for i, b in enumerate(boxes) if np.allclose(b, [48, 48, 80, 80]))
+    b = next(i for i, box in enumerate(boxes) if np.allclose(box, [44, 44, 84, 84]))
+    count = boxes.shape[0]
+
+    def detections(class_a, class_b):
+        logits = np.full((1, count, 2), -10.0, np.float32)
+        logits[0, a, class_a], logits[0, b, class_b] = 3.0, 2.0
+        outputs = {"boxes": tf.zeros((1, count, 4)), "classes": tf.constant(logits)}
+        found = detector.decode(outputs, score_threshold=0.5)
+        n = int(found["num_detections"][0])
+        return found["boxes"][0, :n].numpy() * 128, found["classes"][0, :n].numpy()
+
+    kept, classes = detections(0, 0)
+    np.testing.assert_allclose(kept, [[48, 48, 80, 80]], atol=1e-4)
+    assert classes.tolist() == [0]
+    kept, classes = detections(0, 1)
+    np.testing.assert_allclose(kept, [[48, 48, 80, 80], [44, 44, 84, 84]], atol=1e-4)
+    assert classes.tolist() == [0, 1]
+
+
+def _square_example(top, left, side, canvas=96):
+    image = np.zeros((canvas, canvas, 3), np.uint8)
+    image[top : top + side, left : left + side] = 255
+    box = np.array([[top, left, top + side, left + side]], np.float32) / canvas
+    return {"image": image, "boxes": box, "classes": np.array([1]), "image_id": np.int64(0)}
+
+
+def test_augmented_boxes_follow_the_pixels():
+    """Flips and scale jitter move the box with the object: the positive anchors' targets decode to the white
+    square's box in the augmented image (within the resampling blur)."""
+    examples = [_square_example(20, 10, 40), _square_example(50, 40, 36)]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(examples),
+        output_signature={
+            "image": tf.TensorSpec([96, 96, 3], tf.uint8),
+            "boxes": tf.TensorSpec([None, 4], tf.float32),
+            "classes": tf.TensorSpec([None], tf.int64),
+            "image_id": tf.TensorSpec([], tf.int64),
+        },
+    ).apply(tf.data.experimental.assert_cardinality(2))
+    size, all_anchors = 128, anchors(128)
+    checked = 0
+    for images, targets in pipeline.train_batches(dataset, label_encoder(), size, 2, seed=3).take(6):
+        for image, deltas, classes in zip(images.numpy(), targets["boxes"].numpy(), targets["classes"].numpy()):
+            positive = classes >= 0
+            assert positive.any() and set(classes[positive]) == {1}
+            decoded = keras.utils.bounding_boxes.decode_deltas_to_boxes(
+                all_anchors[positive], deltas[positive], "yxyx", "yxyx", encoded_format="center_yxhw"
+            ).numpy()
+            rows, cols = np.nonzero(image[..., 0] > 0.5)
+            truth = [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]
+            np.testing.assert_allclose(decoded, np.tile(truth, (len(decoded), 1)), atol=1.5)
+            checked += 1
+    assert checked == 12
+
+
+def write_coco_folder(root, images=12, size=96, seed=0):
+    """A COCO-format folder (one instances JSON, as labeling tools export): squares (category 3) and wide bars
+    (category 7) of random colors on noise, one image without objects."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"))
+    os.makedirs(os.path.join(root, "annotations"))
+    coco = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]}
+    for i in range(images):
+        pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+        name = f"img{i}.png"
+        coco["images"].append({"id": 100 + i, "file_name": name, "width": size, "height": size})
+        for k in range(0 if i == 0 else 2):
+            category = (3, 7)[k]
+            h, w = (28, 28) if category == 3 else (16, 48)
+            y, x = int(rng.integers(0, size - h)) if k == 0 else size - h, int(rng.integers(0, size - w))
+            pixels[y : y + h, x : x + w] = rng.integers(150, 256, 3)
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": 100 + i,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+        Image.fromarray(pixels).save(os.path.join(root, "images", name))
+    with open(os.path.join(root, "annotations", "instances_default.json"), "w") as f:
+        json.dump(coco, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory):
+    folder = write_coco_folder(str(tmp_path_factory.mktemp("coco") / "shapes"))
+    logdir = str(tmp_path_factory.mktemp("runs"))
+    result = finetune_detector(
+        coco_folder=folder,
+        model="R14x0.5",
+        logdir=logdir,
+        name="shapes",
+        batch=4,
+        steps=4,
+        eval_every=2,
+        resolution=128,
+        verbose=0,
+        **SMALL,
+    )
+    return folder, result
+
+
+def test_coco_folder_trains_and_evaluates(coco_run):
+    result = coco_run[1]
+    with open(os.path.join(result.run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics == result.metrics and metrics["metric"] == "coco_ap"
+    for key in ("test_ap", "test_ap50", "test_ap75", "wall_s", "images_per_s"):
+        assert isinstance(metrics[key], float), key
+    assert [e["step"] for e in metrics["evals"]] == [2, 4]
+    assert {"step", "test_ap", "test_ap50", "train_loss", "test_loss", "learning_rate"} <= set(metrics["evals"][0])
+    assert metrics["num_train"] == 10 and metrics["num_test"] == 2  # a fifth of 12 images, rounded, for testing
+    for name in ("model.keras", "class_names.txt", "curves.png", "detections.png", "train.log"):
+        assert os.path.exists(os.path.join(result.run_dir, name)), name
+    with open(os.path.join(result.run_dir, "class_names.txt")) as f:
+        assert f.read().split() == ["square", "bar"]
+
+
+def test_perfect_detections_score_one_through_our_evaluation_path(coco_run):
+    data = data_lib.from_coco_folder(coco_run[0])
+    truth = evaluation.ground_truth_from_dataset(data.test)
+    perfect = [{**t, "scores": np.ones(len(t["classes"]))} for t in truth]
+    assert evaluation.coco_metrics(truth, perfect, data.num_classes)["ap"] == pytest.approx(1.0, abs=1e-9)
+    shifted = [{**p, "boxes": p["boxes"] + [0.04, 0.04, 0.04, 0.04]} for p in perfect]
+    assert evaluation.coco_metrics(truth, shifted, data.num_classes)["ap"] < 0.9
+
+
+def test_export_serves_in_a_fresh_process_and_detect_draws(coco_run, tmp_path):
+    folder, result = coco_run
+    out = str(tmp_path / "export")
+    cli = subprocess.run(
+        [*BIT_KERAS, "export", "--run", result.run_dir, "--out", out], capture_output=True, text=True, env=_env(tmp_path)
+    )
+    assert cli.returncode == 0, cli.stderr
+    image_path = os.path.join(folder, "images", "img1.png")
+    code = f"""
+import numpy as np, tensorflow as tf, tensorflow_hub as hub, sys
+assert "bit_keras" not in sys.modules
+obj = hub.load({out!r})
+image = np.asarray(tf.io.decode_png(tf.io.read_file({image_path!r}), channels=3)) / 255.0
+found = obj.signatures["serving_default"](images=tf.constant(image[None], tf.float32))
+named = obj.signatures["serving_bytes"](image_bytes=tf.constant([open({image_path!r}, "rb").read()]))
+np.savez({str(tmp_path / "out.npz")!r}, **{{k: v.numpy() for k, v in found.items()}},
+         **{{"bytes_" + k: v.numpy() for k, v in named.items()}})
+assert "bit_keras" not in sys.modules
+"""
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(tmp_path))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    served = dict(np.load(tmp_path / "out.npz", allow_pickle=True))  # the labels are strings
+    for key in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
+        assert key in served and "bytes_" + key in served
+    assert served["detection_boxes"].shape == (1, 100, 4)
+    labels = [s.decode() for s in served["bytes_detection_labels"][0][: int(served["bytes_num_detections"][0])]]
+    assert set(labels) <= {"square", "bar"}
+    model = result.model
+    images = tf.image.resize(np.asarray(Image.open(image_path).convert("RGB"), np.float32)[None] / 255, (128, 128))
+    raw = model(images)
+    np.testing.assert_allclose(served["raw_detection_scores"], tf.sigmoid(raw["classes"]).numpy(), atol=1e-5)
+    boxes = (
+        keras.utils.bounding_boxes.decode_deltas_to_boxes(
+            anchors(128), raw["boxes"], "yxyx", "yxyx", encoded_format="center_yxhw"
+        ).numpy()
+        / 128
+    )
+    np.testing.assert_allclose(served["raw_detection_boxes"], boxes, atol=1e-5)
+
+    pictures = str(tmp_path / "pictures")
+    for spec in (out, result.run_dir):
+        detect = subprocess.run(
+            [*BIT_KERAS, "detect", "--model", spec, image_path, "--out", pictures, "--score_threshold", "0", "--json"],
+            capture_output=True,
+            text=True,
+            env=_env(tmp_path),
+        )
+        assert detect.returncode == 0, detect.stderr
+        found = json.loads(detect.stdout)[0]
+        assert found["detections"] and found["picture"] == os.path.join(pictures, "img1.png")
+        assert Image.open(found["picture"]).size == (288, 288)  # drawn on the image upscaled for legible labels
+
+
+def test_bad_detection_flags_fail_before_any_folder(tmp_path):
+    for flags, message in (
+        (["--resolution", "100"], "resolution must be a multiple of 128"),
+        (["--epochs", "nan"], "epochs must be a positive finite number"),
+        (["--head_norm", "--head_channels", "48"], "head_channels must be a multiple of 32"),
+        (["--coco_folder", str(tmp_path / "missing")], "missing"),
+        (["--steps", "2"], "steps must be at least 4"),
+    ):
+        run = subprocess.run(
+            [*BIT_KERAS, "finetune-detector", "--logdir", str(tmp_path / "runs"), *flags],
+            capture_output=True,
+            text=True,
+            env=_env(tmp_path),
+        )
+        assert run.returncode != 0 and message in run.stderr, (flags, run.stderr)
+        assert not os.path.exists(tmp_path / "runs")
+
+
+def test_rule_scales_the_paper_recipe():
+    rule = detection_rule(num_train=118_287, batch=256, base_lr=0.08, epochs=30)
+    assert rule.steps == round(30 * 118_287 / 256) and rule.lr == pytest.approx(0.08)
+    assert rule.supports == (500, round(rule.steps * 16 / 30), round(rule.steps * 22 / 30), rule.steps)
+    small = detection_rule(num_train=1000, batch=16, base_lr=0.08, epochs=24)
+    assert small.steps == 1500 and small.lr == pytest.approx(0.005) and small.supports[0] == 150
