@@ -224,7 +224,10 @@ def test_export_serves_in_a_fresh_process_and_detect_draws(coco_run, tmp_path):
     folder, result = coco_run
     out = str(tmp_path / "export")
     cli = subprocess.run(
-        [*BIT_KERAS, "export", "--run", result.run_dir, "--out", out], capture_output=True, text=True, env=_env(tmp_path)
+        [*BIT_KERAS, "export", "--run", result.run_dir, "--out", out],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
     )
     assert cli.returncode == 0, cli.stderr
     image_path = os.path.join(folder, "images", "img1.png")
