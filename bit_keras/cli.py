@@ -192,7 +192,12 @@ def _add_finetune_detector(sub):
     p.add_argument(
         "--head_depth", type=int, default=None, help=f"subnet convolutions (paper: {DEFAULTS['head_depth']})"
     )
-    p.add_argument("--head_norm", action="store_true", help="group normalization in the subnets (small batches)")
+    p.add_argument(
+        "--head_norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="group normalization in the subnets, for small batches (paper: no)",
+    )
     p.add_argument("--freeze_backbone", action="store_true", help="train only the pyramid and the subnets")
     p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
     p.add_argument("--cache_dir", default=None, help="download cache directory")

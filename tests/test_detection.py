@@ -18,10 +18,9 @@ from bit_keras.detection import evaluation, pipeline
 from bit_keras.detection.finetune import detection_rule, finetune_detector
 from bit_keras.detection.objective import FocalLoss
 from bit_keras.detection.retinanet import RetinaNet, anchors, create_detector, label_encoder
+from tests.detection_helpers import SMALL, write_coco_folder
 from tests.finetune_helpers import ROOT
 from tests.test_cli import BIT_KERAS, _env
-
-SMALL = dict(fpn_channels=32, head_channels=32, head_depth=1)
 
 
 def test_anchor_count_for_512():
@@ -80,7 +79,7 @@ def test_focal_loss_matches_a_numpy_reference():
     class_sum, box = objective.parts(targets, outputs)
     assert float(class_sum) == pytest.approx(focal_sum, rel=1e-4)
     assert float(box) == pytest.approx(box_sum, rel=1e-4)
-    assert float(objective.normalizer(targets)) == 3.0
+    assert float(objective.count(targets)) == 3.0
     assert float(objective.loss_sum(targets, outputs)) / 3.0 == pytest.approx((focal_sum + box_sum) / 3, rel=1e-4)
 
 
@@ -142,38 +141,6 @@ def test_augmented_boxes_follow_the_pixels():
             np.testing.assert_allclose(decoded, np.tile(truth, (len(decoded), 1)), atol=1.5)
             checked += 1
     assert checked == 12
-
-
-def write_coco_folder(root, images=12, size=96, seed=0):
-    """A COCO-format folder (one instances JSON, as labeling tools export): squares (category 3) and wide bars
-    (category 7) of random colors on noise, one image without objects."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "images"))
-    os.makedirs(os.path.join(root, "annotations"))
-    coco = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]}
-    for i in range(images):
-        pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-        name = f"img{i}.png"
-        coco["images"].append({"id": 100 + i, "file_name": name, "width": size, "height": size})
-        for k in range(0 if i == 0 else 2):
-            category = (3, 7)[k]
-            h, w = (28, 28) if category == 3 else (16, 48)
-            y, x = int(rng.integers(0, size - h)) if k == 0 else size - h, int(rng.integers(0, size - w))
-            pixels[y : y + h, x : x + w] = rng.integers(150, 256, 3)
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": 100 + i,
-                    "category_id": category,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-        Image.fromarray(pixels).save(os.path.join(root, "images", name))
-    with open(os.path.join(root, "annotations", "instances_default.json"), "w") as f:
-        json.dump(coco, f)
-    return root
 
 
 @pytest.fixture(scope="module")

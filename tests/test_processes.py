@@ -1,6 +1,6 @@
 """Training across processes: MirroredStrategy over 2 logical CPUs, 2-worker MultiWorkerMirroredStrategy on
-127.0.0.1 (fine-tuning and pretraining), exact resume after SIGKILL, the `bit-keras finetune` and `pretrain` command
-lines (the no-flag default and the examples are `slow`).
+127.0.0.1 (fine-tuning, pretraining and detection), exact resume after SIGKILL, the `bit-keras finetune`,
+`pretrain` and `finetune-detector` command lines (the no-flag defaults and the examples are `slow`).
 
 The strategy runs are independent, so one fixture starts all their processes at once and each test checks its own:
 the TensorFlow start-up and tracing of one overlaps the others' training."""
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import bit_keras
+from tests.detection_helpers import write_coco_folder
 from tests.finetune_helpers import ROOT, write_image_folder
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env
 
@@ -80,6 +81,27 @@ print("METRICS", json.dumps(result.metrics))
 """
 
 
+DETECTION_RUN = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+if {devices} > 1:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * {devices})
+from bit_keras.detection.finetune import finetune_detector
+from bit_keras.training.strategy import make_strategy
+from tests.detection_helpers import SMALL
+from tests.finetune_helpers import weights_of
+strategy = make_strategy({strategy!r})  # before any TensorFlow op, as multi-worker collectives need
+result = finetune_detector(
+    coco_folder={folder!r}, model="R14x0.5", logdir={logdir!r}, name="run", strategy=strategy, resolution=128,
+    batch=4, steps=4, eval_every=2, seed=1, verbose=0, **SMALL,
+)
+np.savez({out!r}, **weights_of(result.model))
+print("METRICS", json.dumps(result.metrics))
+"""
+
+
 def _start_two_workers(code):
     """Start `code(index)` as workers 0 and 1 of a TF_CONFIG cluster on 127.0.0.1."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
@@ -110,6 +132,23 @@ def _finish_two_workers(procs, folder):
 def strategy_runs(small_npz, tmp_path_factory):
     """Every strategy run of this module, started at once: {name: (folder, processes)}."""
     runs = {}
+    coco = write_coco_folder(str(tmp_path_factory.mktemp("coco") / "shapes"))
+    for devices in (1, 2):  # a global batch of 4: 4 on the default strategy, or 2 replicas x 2 mirrored
+        folder = tmp_path_factory.mktemp(f"detection{devices}")
+        strategy = "mirrored" if devices > 1 else "default"
+        code = DETECTION_RUN.format(
+            devices=devices, folder=coco, logdir=str(folder), strategy=strategy, out=str(folder / "w.npz")
+        )
+        runs[f"detection{devices}"] = (folder, [_start(code)])
+    folder = tmp_path_factory.mktemp("detection_workers")
+    runs["detection_workers"] = (
+        folder,
+        _start_two_workers(
+            lambda i: DETECTION_RUN.format(
+                devices=1, folder=coco, logdir=str(folder / "runs"), strategy="auto", out=str(folder / f"w{i}.npz")
+            )
+        ),
+    )
     for devices in (1, 2):  # the same global batch of 8: 8 on the default strategy, or 2 replicas x 4 mirrored
         folder = tmp_path_factory.mktemp(f"mirrored{devices}")
         strategy = "mirrored" if devices > 1 else "default"
@@ -155,6 +194,26 @@ def test_mirrored_two_logical_cpus_equals_one_device(strategy_runs, small_npz, t
     for a, b in zip(metrics[1]["evals"], metrics[2]["evals"]):
         assert a["test_accuracy"] == b["test_accuracy"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_detection_mirrored_two_logical_cpus_equals_one_device(strategy_runs):
+    """Same global batch of 4: the focal loss is normalized by the positive anchors of the global batch, so 2
+    replicas x 2 images train as 4 images on one device."""
+    metrics = {devices: _finish(strategy_runs[f"detection{devices}"][1][0]) for devices in (1, 2)}
+    assert metrics[1]["replicas"] == 1 and metrics[2]["replicas"] == 2
+    one, two = (_weights(strategy_runs[f"detection{d}"][0] / "w.npz") for d in (1, 2))
+    for path, value in one.items():
+        assert np.abs(value - two[path]).max() <= 1e-4 * (np.abs(value).max() + 1e-12), path
+    for a, b in zip(metrics[1]["evals"], metrics[2]["evals"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+
+
+def test_detection_multi_worker_two_processes(strategy_runs):
+    folder, procs = strategy_runs["detection_workers"]
+    metrics = _finish_two_workers(procs, folder)
+    assert metrics[0]["test_ap"] == metrics[1]["test_ap"] and metrics[0]["replicas"] == 2
+    assert (folder / "runs" / "run" / "detections.png").exists()
 
 
 def _save_initial(npz, tmp_path):
@@ -229,7 +288,8 @@ def resume_after_sigkill(tmp_path, command, args, steps, eval_every):
     evals = [json.loads((tmp_path / "runs" / n / "metrics.json").read_text())["evals"] for n in ("whole", "killed")]
     assert [e["step"] for e in evals[1]] == list(range(eval_every, steps + 1, eval_every))  # earlier evals kept
     for x, y in zip(*evals):
-        assert (x["test_accuracy"], x["train_loss"]) == (y["test_accuracy"], y["train_loss"])
+        headline = "test_ap" if "test_ap" in x else "test_accuracy"
+        assert (x[headline], x["train_loss"], x["test_loss"]) == (y[headline], y["train_loss"], y["test_loss"])
 
 
 def test_resume_after_sigkill_is_exact(small_npz, tmp_path):
@@ -237,6 +297,14 @@ def test_resume_after_sigkill_is_exact(small_npz, tmp_path):
     args = ["--image_folder", folder, "--model", small_npz, "--logdir", str(tmp_path / "runs"), "--batch", "8"]
     args += ["--steps", "40", "--eval_every", "10", "--resolution", "32", "--mixup_alpha", "0.2", "--quiet"]
     resume_after_sigkill(tmp_path, "finetune", args, steps=40, eval_every=10)
+
+
+def test_detection_resume_after_sigkill_is_exact(tmp_path):
+    folder = write_coco_folder(str(tmp_path / "shapes"))
+    args = ["--coco_folder", folder, "--model", "R14x0.5", "--logdir", str(tmp_path / "runs"), "--batch", "4"]
+    args += ["--steps", "12", "--eval_every", "4", "--resolution", "128", "--quiet"]
+    args += ["--fpn_channels", "32", "--head_channels", "32", "--head_depth", "1"]
+    resume_after_sigkill(tmp_path, "finetune-detector", args, steps=12, eval_every=4)
 
 
 def test_cli_bad_input(tmp_path):

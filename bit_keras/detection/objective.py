@@ -13,8 +13,9 @@ BOX_BETA = 0.1  # smooth L1's quadratic zone on the box deltas (Detectron2's Ret
 class FocalLoss(Objective):
     """The paper's loss: focal loss (alpha 0.25, gamma 2) summed over every class of every anchor that is not
     ignored, plus smooth L1 summed over the box deltas of the positive anchors, both divided by the number of
-    positive anchors (at least 1). Targets are `bit_keras.detection.pipeline`'s: `{"boxes": [B, A, 4] deltas,
-    "classes": [B, A] class id, -1 background or -2 ignored}`. Reports `class_loss` and `box_loss`."""
+    positive anchors (at least 1) of the global batch. Targets are `bit_keras.detection.pipeline`'s:
+    `{"boxes": [B, A, 4] deltas, "classes": [B, A] class id, -1 background or -2 ignored}`. Reports `class_loss`
+    and `box_loss`."""
 
     name = "coco_ap"  # the run's result is COCO AP, which `bit_keras.detection.finetune` adds at each evaluation
     headline = "test_ap"
@@ -43,11 +44,11 @@ class FocalLoss(Objective):
     def loss_sum(self, targets, outputs):
         return tf.add_n(self.parts(targets, outputs))
 
-    def normalizer(self, targets):
-        return tf.maximum(1.0, tf.reduce_sum(tf.cast(targets["classes"] >= 0, tf.float32)))
+    def count(self, targets):
+        return tf.reduce_sum(tf.cast(targets["classes"] >= 0, tf.float32))
 
     def update_metrics(self, targets, outputs):
         class_sum, box_sum = self.parts(targets, outputs)
-        positives = self.normalizer(targets)
+        positives = tf.maximum(self.count(targets), 1.0)
         self.class_loss.update_state(class_sum / positives)
         self.box_loss.update_state(box_sum / positives)

@@ -49,9 +49,9 @@ class Objective:
     """What a `Trainer` minimizes and reports besides the loss: `Classification` here, detection's focal loss in
     `bit_keras.detection.objective`.
 
-    The loss of a replica's batch is `loss_sum(targets, outputs) / normalizer(targets)`: summed over the batch's
-    examples (or anchors), divided by a count of the whole batch (examples, or positive anchors), so that
-    micro-batches (`batch_split`) add up to the loss of the batch.
+    The loss is `loss_sum(targets, outputs)`, summed over the examples (or anchors) of a batch, divided by
+    `count(targets)` of the whole global batch (its examples, or positive anchors; at least 1), so that
+    micro-batches (`batch_split`) and replicas add up to the loss of the global batch.
     """
 
     name: str  # what metrics.json's "metric" names
@@ -61,7 +61,7 @@ class Objective:
     def loss_sum(self, targets, outputs):
         raise NotImplementedError
 
-    def normalizer(self, targets):
+    def count(self, targets):
         raise NotImplementedError
 
     def update_metrics(self, targets, outputs):
@@ -99,7 +99,7 @@ class Classification(Objective):
             per_example = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits), axis=-1)
         return tf.reduce_sum(per_example)
 
-    def normalizer(self, targets):
+    def count(self, targets):
         return tf.cast(tf.shape(targets)[0], tf.float32)
 
     def update_metrics(self, targets, logits):
@@ -153,7 +153,7 @@ class Trainer(keras.Model):
         n = self.batch_split
         if images.shape[0] is not None and images.shape[0] % n:
             raise ValueError(f"the per-replica batch {images.shape[0]} is not divisible by batch_split={n}")
-        normalizer = self.objective.normalizer(targets)  # of the whole replica batch, shared by its micro-batches
+        normalizer = self._normalizer(targets, across_replicas=True)  # shared by the micro-batches
         if n == 1:
             loss, gradients, outputs = self._loss_and_gradients(images, targets, variables, normalizer)
         else:
@@ -189,10 +189,19 @@ class Trainer(keras.Model):
         outputs = self._float32(self(images, training=False))
         return self._update_metrics(self._loss(targets, outputs), targets, outputs)
 
+    def _normalizer(self, targets, across_replicas=False):
+        """What this replica divides its loss sum by: the objective's count of the global batch (at least 1) over
+        the replicas, so that their losses add up to the global batch's (`across_replicas`), else of `targets`."""
+        count = tf.cast(self.objective.count(targets), tf.float32)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync if across_replicas else 1
+        if replicas > 1:
+            count = tf.distribute.get_replica_context().all_reduce("sum", count)
+        return tf.maximum(count, 1.0) / replicas
+
     def _loss(self, targets, outputs, normalizer=None, share=1.0):
         """The objective's loss of this (micro-)batch as a share of the batch's (of `normalizer`, default this
         batch's), plus that `share` of the weight decay and the model's regularization losses."""
-        normalizer = self.objective.normalizer(targets) if normalizer is None else normalizer
+        normalizer = self._normalizer(targets) if normalizer is None else normalizer
         extra = [tf.cast(x, tf.float32) for x in self.losses]
         if self.decayed:
             extra.append(self.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in self.decayed]))
