@@ -2,8 +2,9 @@
 
 The package is grouped by role: `models` (layers, the BiT model, the zoo, official checkpoints, the model
 resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and its recipes: fine-tuning
-and upstream pretraining), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`. The verbs
-and the model API are re-exported here.
+and upstream pretraining), `detection` (RetinaNet on BiT: model, data, objective, its recipe on the engine,
+evaluation, pictures), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`. The verbs
+and the model API are re-exported here (importing this registers every model class with Keras' loader).
 """
 
 import os
@@ -32,6 +33,8 @@ if keras.backend.backend() != "tensorflow":
         '(from ~/.keras/keras.json): run with KERAS_BACKEND=tensorflow or set "backend": "tensorflow" there'
     )
 
+from bit_keras.detection.finetune import finetune_detector
+from bit_keras.detection.retinanet import RetinaNet, create_detector
 from bit_keras.models.bit import BiT
 from bit_keras.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bit_keras.models.download import DownloadError
@@ -53,12 +56,15 @@ __all__ = [
     "DownloadError",
     "PreActBottleneck",
     "ResolvedModel",
+    "RetinaNet",
     "RunResult",
     "SavedModelLayer",
     "StandardizedConv2D",
+    "create_detector",
     "create_model",
     "export",
     "finetune",
+    "finetune_detector",
     "label_names",
     "list_models",
     "load_checkpoint",

@@ -49,6 +49,6 @@ class FocalLoss(Objective):
 
     def update_metrics(self, targets, outputs):
         class_sum, box_sum = self.parts(targets, outputs)
-        positives = tf.maximum(self.count(targets), 1.0)
-        self.class_loss.update_state(class_sum / positives)
-        self.box_loss.update_state(box_sum / positives)
+        positives = tf.maximum(self.count(targets), 1.0)  # weights: the sums over every batch / their positives
+        self.class_loss.update_state(class_sum / positives, sample_weight=positives)
+        self.box_loss.update_state(box_sum / positives, sample_weight=positives)

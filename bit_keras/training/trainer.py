@@ -182,12 +182,13 @@ class Trainer(keras.Model):
             )
             outputs = tf.nest.map_structure(lambda array: array.concat(), outputs)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        return self._update_metrics(loss, targets, outputs)
+        return self._update_metrics(loss, normalizer, targets, outputs)
 
     def test_step(self, data):
         images, targets = data
         outputs = self._float32(self(images, training=False))
-        return self._update_metrics(self._loss(targets, outputs), targets, outputs)
+        normalizer = self._normalizer(targets)
+        return self._update_metrics(self._loss(targets, outputs, normalizer), normalizer, targets, outputs)
 
     def _normalizer(self, targets, across_replicas=False):
         """What this replica divides its loss sum by: the objective's count of the global batch (at least 1) over
@@ -222,12 +223,13 @@ class Trainer(keras.Model):
     def _float32(outputs):
         return tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), outputs)
 
-    def _update_metrics(self, loss, targets, outputs):
+    def _update_metrics(self, loss, normalizer, targets, outputs):
+        # The loss weighted by what it was divided by, so that the logged loss is the loss sum over the examples
+        # (or positive anchors) seen, divided by their count, on any number of replicas.
         # After the data: counts of static batch sizes would otherwise also run on the step that finds
         # a finite dataset exhausted, and count a batch that never came.
-        first = tf.nest.flatten(outputs)[0]
-        with tf.control_dependencies([first]):
-            self.loss_tracker.update_state(loss, sample_weight=tf.shape(first)[0])
+        with tf.control_dependencies(tf.nest.flatten(outputs)[:1]):
+            self.loss_tracker.update_state(loss, sample_weight=normalizer)
             self.objective.update_metrics(targets, outputs)
         logs = {m.name: m.result() for m in self.metrics}
         if is_multi_worker(tf.distribute.get_strategy()):
