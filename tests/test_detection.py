@@ -267,3 +267,45 @@ def test_rule_scales_the_paper_recipe():
     assert rule.supports == (500, round(rule.steps * 16 / 30), round(rule.steps * 22 / 30), rule.steps)
     small = detection_rule(num_train=1000, batch=16, base_lr=0.08, epochs=24)
     assert small.steps == 1500 and small.lr == pytest.approx(0.005) and small.supports[0] == 150
+
+
+def test_batch_split_gives_the_same_update(coco_run):
+    """Micro-batches share the batch's positive-anchor count: 2 x 2 images update the weights as 4 images do."""
+    from bit_keras.training.trainer import Trainer
+
+    data = data_lib.from_coco_folder(coco_run[0])
+    images, targets = next(iter(pipeline.train_batches(data.train, label_encoder(), 128, 4, seed=0)))
+    weights = {}
+    for split in (1, 2):
+        keras.utils.set_random_seed(0)
+        detector = create_detector("R14x0.5", 2, image_size=128, **SMALL)
+        trainer = Trainer(detector, batch_split=split, loss=FocalLoss(), weight_decay=1e-4)
+        trainer.compile_sgd(0.05, 0.9)
+        before = [w.numpy() for w in detector.trainable_weights]
+        trainer.fit(tf.data.Dataset.from_tensors((images, targets)), epochs=1, verbose=0)
+        weights[split] = [w.numpy() for w in detector.trainable_weights]
+    moved = sum(not np.array_equal(a, b) for a, b in zip(before, weights[1]))
+    assert moved > len(before) // 2
+    for a, b in zip(weights[1], weights[2]):
+        np.testing.assert_allclose(a, b, atol=1e-6 * (np.abs(a).max() + 1e-12) + 1e-7)
+
+
+def test_mixed_precision_and_frozen_backbone(coco_run, tmp_path):
+    result = finetune_detector(
+        coco_folder=coco_run[0],
+        model="R14x0.5",
+        logdir=str(tmp_path),
+        name="bf16",
+        batch=4,
+        steps=4,
+        resolution=128,
+        mixed_precision="bfloat16",
+        freeze_backbone=True,
+        verbose=0,
+        **SMALL,
+    )
+    detector = result.model
+    assert detector.get_layer("class_head").compute_dtype == "bfloat16"
+    assert all(v.dtype == "float32" for v in detector(np.zeros((1, 128, 128, 3), np.float32)).values())
+    assert not detector.backbone.trainable_weights and detector.get_layer("fpn").trainable_weights
+    assert result.metrics["detector"]["freeze_backbone"] and result.metrics["mixed_precision"] == "mixed_bfloat16"

@@ -406,3 +406,33 @@ def test_few_shot_table_example(small_npz, tmp_path):
         "| R26x0.5 from scratch, base lr 0.1 |"
     )
     assert [row.split("|")[1].strip() for row in table[2:4]] == ["1", "2"] and "±" in table[2]
+
+
+@pytest.mark.slow
+def test_cli_detector_default_run_reaches_ap50_of_80_percent(tmp_path):
+    """`bit-keras finetune-detector --logdir T --name demo`: no data flag, offline, the shipped small BiT as the
+    backbone of a RetinaNet on the digit canvases."""
+    proc = _cli(["--logdir", str(tmp_path / "T"), "--name", "demo"], tmp_path, tmp_path / "cache", "finetune-detector")
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    run = tmp_path / "T" / "demo"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"] == "BiT-R14x0.5-mnist5k" and metrics["data"] == "digit-canvases"
+    assert metrics["test_ap50"] >= 0.8, metrics["test_ap50"]
+    assert f"test ap {metrics['test_ap']:.4f}" in out
+    for name in ("model.keras", "detections.png", "curves.png", "train.log"):
+        assert (run / name).exists(), name
+
+
+@pytest.mark.slow
+def test_detection_transfer_table_example(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(ROOT, "examples", "detection_transfer_table.py")
+    args = ["--seeds", "0", "--steps", "8", "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "t.md").read_text()
+    assert "| BiT-R14x0.5-mnist5k backbone, fine-tuned |" in table and "| R14x0.5 from scratch |" in table
+    assert "| BiT-L | 43.8 |" in table

@@ -27,8 +27,7 @@ DEFAULTS = {"model": "BiT-M-R50x1", "batch": BATCH, "base_lr": BASE_LR, "resolut
 DEFAULTS |= {"fpn_channels": 256, "head_channels": 256, "head_depth": 4, "head_norm": False}  # the paper's
 # With no data given: the digit canvases, the small BiT shipped in the package, a small pyramid and heads (64
 # channels, 2 convolutions) so that the run takes minutes on 2 CPU cores, group norm in the heads and 4x the
-# paper's lr (measured on the canvases, 2000 steps: AP50 0.36 at 600 steps with lr 0.08 at batch 256 and group
-# norm, 0.12 without it at 0.02 and diverging at 0.08; 0.53 at 0.16, 0.80 at 0.32).
+# paper's lr (the README's detection section has the tuning runs).
 EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 16, "base_lr": 0.32, "resolution": 128, "epochs": 24}
 EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2, "head_norm": True}
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100  # detections scored by COCO AP (COCO's evaluation settings)
