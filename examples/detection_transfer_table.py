@@ -30,14 +30,9 @@ def main():
     args = parser.parse_args()
 
     from bit_keras.detection.finetune import finetune_detector
-    from bit_keras.models import checkpoint
-    from bit_keras.models.zoo import BLOCK_UNITS, CHECKPOINTS
+    from bit_keras.models.zoo import architecture_name
 
-    if args.pretrained in CHECKPOINTS:
-        architecture = CHECKPOINTS[args.pretrained].arch
-    else:
-        units, width = checkpoint.architecture_of(checkpoint.read_npz(args.pretrained), args.pretrained)
-        architecture = f"R{next(d for d, u in BLOCK_UNITS.items() if u == units)}x{width:g}"
+    architecture = architecture_name(args.pretrained)
     name = os.path.basename(args.pretrained).removesuffix(".npz")
     runs = ((f"{name} backbone, fine-tuned", args.pretrained), (f"{architecture} from scratch", architecture))
     scores = {column: [] for column, _ in runs}

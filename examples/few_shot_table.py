@@ -30,16 +30,11 @@ def main():
     parser.add_argument("--out", default="few_shot.md")
     args = parser.parse_args()
 
-    from bit_keras.models import checkpoint
-    from bit_keras.models.zoo import BLOCK_UNITS, CHECKPOINTS
+    from bit_keras.models.zoo import architecture_name
     from bit_keras.training.finetune import EMBEDDED, finetune
     from bit_keras.training.hyperrule import BASE_LR
 
-    if args.pretrained in CHECKPOINTS:
-        architecture = CHECKPOINTS[args.pretrained].arch
-    else:
-        units, width = checkpoint.architecture_of(checkpoint.read_npz(args.pretrained), args.pretrained)
-        architecture = f"R{next(d for d, u in BLOCK_UNITS.items() if u == units)}x{width:g}"
+    architecture = architecture_name(args.pretrained)
     pretrained_lrs = args.pretrained_lrs or [BASE_LR, EMBEDDED["base_lr"]]
     name = os.path.basename(args.pretrained).removesuffix(".npz")
     runs = [(f"{name} fine-tuned, base lr {lr:g}", args.pretrained, lr) for lr in pretrained_lrs]

@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bit_keras.data import images as images_lib
+from bit_keras.data import sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 CANVAS = 128  # side of the digit canvases
@@ -30,32 +31,13 @@ _TFDS = {
 
 
 @dataclasses.dataclass
-class DetectionData:
-    """A train/test pair of unbatched detection example datasets and what is known of them."""
+class DetectionData(sources.Data):
+    """A train/test pair of unbatched detection example datasets and what is known of them (`sources.Data`'s
+    fields: `num_train` counts images, `size_source` is "generated", "counted" or "tfds metadata", `files` are the
+    image files of COCO folders)."""
 
-    train: tf.data.Dataset
-    test: tf.data.Dataset
-    class_names: list[str]
-    num_train: int  # number of training images
-    size_source: str  # where num_train came from: "generated", "counted" or "tfds metadata"
-    image_size: tuple | None  # (height, width) shared by the training images; None if they differ or it is unknown
-    name: str
-    files: tuple = ()  # the image files behind the splits, for COCO folders (to name one that fails to decode)
     clipped: int = 0  # boxes that reached outside their image and were clipped to it at load
     category_ids: list[int] | None = None  # COCO folders: the category id of each class, to write results back
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def decode_error(self, error: Exception) -> Exception:
-        """The error to raise for a decode `error` met while reading this data: a ValueError naming the
-        undecodable files when they can be found (one decoding pass over `files`), else `error` itself."""
-        bad = images_lib.undecodable(self.files) if self.files else []
-        if not bad:
-            return error
-        more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
-        return ValueError(f"{bad[0]}: the image does not decode{more}; fix or remove it, then rerun")
 
 
 def load(dataset=None, coco_folder=None, data_dir=None, train_split=None, test_split=None):

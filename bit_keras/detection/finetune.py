@@ -10,9 +10,9 @@ import keras
 import tensorflow as tf
 
 from bit_keras.detection import data as data_lib
-from bit_keras.detection import evaluation, pipeline
+from bit_keras.detection import evaluation, pipeline, retinanet
 from bit_keras.detection.objective import FocalLoss
-from bit_keras.detection.retinanet import MAX_LEVEL, create_detector, label_encoder
+from bit_keras.detection.retinanet import create_detector, label_encoder
 from bit_keras.models import resolve
 from bit_keras.training import engine
 from bit_keras.training.hyperrule import HyperRuleSchedule
@@ -178,15 +178,16 @@ class DetectionRecipe(engine.Recipe):
             raise ValueError("image_folder is for classification; detection reads a COCO folder (coco_folder)")
         if options.dataset is not None and self.coco_folder is not None:
             raise ValueError("give either a detection dataset or a COCO folder, not both")
-        for flag in ("steps", "fpn_channels", "head_channels", "head_depth"):
-            engine.check_int(flag, getattr(self, flag))
+        engine.check_int("steps", self.steps)
         engine.check_finite("epochs", self.epochs, positive=True)
-        if options.resolution % 2**MAX_LEVEL:
-            raise ValueError(f"resolution must be a multiple of {2**MAX_LEVEL}, got {options.resolution}")
-        if self.head_norm and self.head_channels % 32:
-            raise ValueError(
-                f"head_norm uses 32 groups: head_channels must be a multiple of 32, got {self.head_channels}"
-            )
+        retinanet.check_options(
+            options.resolution,
+            self.fpn_channels,
+            self.head_channels,
+            self.head_depth,
+            self.head_norm,
+            flags={"image_size": "resolution"},
+        )
         resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
 
     def load_data(self, options: engine.RunOptions) -> data_lib.DetectionData:

@@ -58,6 +58,21 @@ def label_encoder() -> RetinaNetLabelEncoder:
     )
 
 
+def check_options(image_size, fpn_channels, head_channels, head_depth, head_norm, num_classes=1, flags=None):
+    """One-line errors for detector settings a `RetinaNet` cannot have (`flags` renames them, e.g. for the CLI)."""
+    flags = flags or {}
+    sizes = {"num_classes": num_classes, "image_size": image_size, "fpn_channels": fpn_channels}
+    sizes |= {"head_channels": head_channels, "head_depth": head_depth}
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flags.get(name, name)} must be a positive integer, got {value!r}")
+    if image_size % 2**MAX_LEVEL:
+        name = flags.get("image_size", "image_size")
+        raise ValueError(f"{name} must be a multiple of {2**MAX_LEVEL} (the coarsest stride), got {image_size}")
+    if head_norm and head_channels % 32:
+        raise ValueError(f"head_norm uses 32 groups: head_channels must be a multiple of 32, got {head_channels}")
+
+
 @keras.saving.register_keras_serializable(package="bit_keras")
 class RetinaNet(keras.Model):
     """RetinaNet on a `BiT` backbone: float32 RGB images in [0, 1] of `image_size` x `image_size` ->
@@ -87,8 +102,14 @@ class RetinaNet(keras.Model):
         dtype: str | None = None,
         **kwargs,
     ):
-        if image_size % 2**MAX_LEVEL:
-            raise ValueError(f"image_size must be a multiple of {2**MAX_LEVEL} (the coarsest stride), got {image_size}")
+        check_options(
+            num_classes=num_classes,
+            image_size=image_size,
+            fpn_channels=fpn_channels,
+            head_channels=head_channels,
+            head_depth=head_depth,
+            head_norm=head_norm,
+        )
         num_anchors = NUM_SCALES * len(ASPECT_RATIOS)
         images = keras.Input((image_size, image_size, 3), name="images")
         levels = {f"P{level}": backbone.pyramid_outputs[f"P{level}"] for level in range(MIN_LEVEL, 6)}
@@ -200,36 +221,17 @@ def create_detector(
     backbone: str,
     num_classes: int,
     *,
-    image_size: int = 512,
-    fpn_channels: int = 256,
-    head_channels: int = 256,
-    head_depth: int = 4,
-    head_norm: bool = False,
     dtype: str | None = None,
     pretrained_dir: str | None = None,
     cache_dir: str | None = None,
+    **options,
 ) -> RetinaNet:
     """A `RetinaNet` of `num_classes` on the BiT `backbone` names: a zoo checkpoint (its pretrained weights), an
     official-layout `.npz` (path or URL), an architecture such as "R50x1" (random initialization) or a `.keras`
-    BiT (anything `bit_keras.models.resolve.resolve_model` takes); the rest is initialized as in the paper."""
+    BiT (anything `bit_keras.models.resolve.resolve_model` takes); `options` are `RetinaNet`'s (image_size,
+    fpn_channels, head_channels, head_depth, head_norm, prior_probability); the rest is initialized as in the
+    paper."""
     from bit_keras.models.resolve import resolve_model
 
-    for flag, value in (("num_classes", num_classes), ("image_size", image_size), ("fpn_channels", fpn_channels)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-    for flag, value in (("head_channels", head_channels), ("head_depth", head_depth)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-    if head_norm and head_channels % 32:
-        raise ValueError(f"head_norm uses 32 groups: head_channels must be a multiple of 32, got {head_channels}")
     bit = resolve_model(backbone, num_classes=0, dtype=dtype, pretrained_dir=pretrained_dir, cache_dir=cache_dir)
-    return RetinaNet(
-        bit.model,
-        num_classes,
-        image_size=image_size,
-        fpn_channels=fpn_channels,
-        head_channels=head_channels,
-        head_depth=head_depth,
-        head_norm=head_norm,
-        dtype=dtype,
-    )
+    return RetinaNet(bit.model, num_classes, dtype=dtype, **options)

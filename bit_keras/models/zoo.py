@@ -96,6 +96,14 @@ def _registry():
 CHECKPOINTS = _registry()
 
 
+def architecture_name(spec: str) -> str:
+    """The architecture ("R14x0.5") of a zoo checkpoint name or an official-layout `.npz` file."""
+    if spec in CHECKPOINTS:
+        return CHECKPOINTS[spec].arch
+    units, width = checkpoint.architecture_of(checkpoint.read_npz(spec), spec)
+    return f"R{next(depth for depth, u in BLOCK_UNITS.items() if u == units)}x{width:g}"
+
+
 def parse_architecture(arch: str) -> tuple[tuple[int, ...], int | float]:
     """`"R50x1"` -> `((3, 4, 6, 3), 1)`; widths may be fractional (`"R26x0.5"`)."""
     match = ARCH_PATTERN.fullmatch(arch)
