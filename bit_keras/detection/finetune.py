@@ -176,6 +176,8 @@ class DetectionRecipe(engine.Recipe):
     def check(self, options: engine.RunOptions) -> None:
         if options.image_folder is not None:
             raise ValueError("image_folder is for classification; detection reads a COCO folder (coco_folder)")
+        if options.manual_dir is not None:
+            raise ValueError("manual_dir is for classification datasets; the detection datasets download themselves")
         if options.dataset is not None and self.coco_folder is not None:
             raise ValueError("give either a detection dataset or a COCO folder, not both")
         engine.check_int("steps", self.steps)
