@@ -309,3 +309,20 @@ def test_mixed_precision_and_frozen_backbone(coco_run, tmp_path):
     assert all(v.dtype == "float32" for v in detector(np.zeros((1, 128, 128, 3), np.float32)).values())
     assert not detector.backbone.trainable_weights and detector.get_layer("fpn").trainable_weights
     assert result.metrics["detector"]["freeze_backbone"] and result.metrics["mixed_precision"] == "mixed_bfloat16"
+
+
+def test_bit_serves_as_keras_hub_image_encoder():
+    """A BiT exposes its pyramid as keras-hub's backbones do (P2-P5), so keras-hub's own RetinaNet backbone
+    takes it as its image encoder."""
+    import keras_hub
+
+    bit = bit_keras.create_model("R14x0.5", num_classes=0)
+    assert {k: tuple(bit.pyramid_outputs[k].shape[1:]) for k in ("P2", "P5")} == {
+        "P2": (None, None, 128),
+        "P5": (None, None, 1024),
+    }
+    fpn = keras_hub.models.RetinaNetBackbone(image_encoder=bit, min_level=3, max_level=7, use_p5=True)
+    levels = fpn(np.zeros((1, 256, 256, 3), np.float32))
+    assert {k: tuple(v.shape) for k, v in levels.items()} == {
+        f"P{level}": (1, 256 // 2**level, 256 // 2**level, 256) for level in range(3, 8)
+    }

@@ -37,9 +37,10 @@ class BiT(keras.Model):
         input_shape: (height, width, 3); None sizes accept any image size.
         dtype: a dtype policy name such as "mixed_bfloat16"; outputs stay float32.
 
-    `pyramid_outputs` maps "stem", "block1".."block4" and "pre_logits" to the model's intermediate
-    tensors, and "P2".."P5" (block1..block4, strides 4..32) as keras-hub's backbones name their feature
-    pyramid, so a BiT serves as keras-hub's image encoder; `feature_extractor()` turns them into a model.
+    `features` maps "stem", "block1".."block4" and "pre_logits" to the model's intermediate tensors;
+    `pyramid_outputs` maps "P2".."P5" to block1..block4 (strides 4..32), as keras-hub's backbones name their
+    feature pyramid, so a BiT serves as keras-hub's image encoder; `feature_extractor()` turns either's
+    tensors into a model.
     """
 
     def __init__(
@@ -100,14 +101,16 @@ class BiT(keras.Model):
         self.image_shape = tuple(input_shape)
         self.policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
         self.num_features = features["pre_logits"].shape[-1]
-        self.pyramid_outputs = features | {f"P{b + 1}": features[f"block{b}"] for b in range(1, len(block_units) + 1)}
+        self.features = features
+        self.pyramid_outputs = {f"P{b + 1}": features[f"block{b}"] for b in range(1, len(block_units) + 1)}
 
     def feature_extractor(self, names: tuple[str, ...] | list[str] = FEATURE_NAMES) -> keras.Model:
         """A model sharing this one's weights that returns a dict of the named intermediate outputs."""
-        unknown = sorted(set(names) - set(self.pyramid_outputs))
+        tensors = self.features | self.pyramid_outputs
+        unknown = sorted(set(names) - set(tensors))
         if unknown:
-            raise ValueError(f"unknown feature names {unknown}; choose from {sorted(self.pyramid_outputs)}")
-        return keras.Model(self.input, {n: self.pyramid_outputs[n] for n in names}, name=f"{self.name}_features")
+            raise ValueError(f"unknown feature names {unknown}; choose from {sorted(tensors)}")
+        return keras.Model(self.input, {n: tensors[n] for n in names}, name=f"{self.name}_features")
 
     def with_new_head(self, num_classes: int, dtype: str | None = None) -> "BiT":
         """A copy of this model with a new zero-initialized head of `num_classes` (0: pooled features), computing

@@ -62,7 +62,7 @@ def export(
         if not image_size:
             raise ValueError("a classification export needs image_size, the side the bytes signature resizes to")
         net = model
-    features = keras.Model(model.input, model.pyramid_outputs["pre_logits"], name=f"{model.name}_feature_vector")
+    features = keras.Model(model.input, model.features["pre_logits"], name=f"{model.name}_feature_vector")
     if kind == "feature_vector":
         net = features
 
