@@ -18,7 +18,7 @@ from bit_keras.training import engine
 from bit_keras.training.hyperrule import HyperRuleSchedule
 from bit_keras.training.run_folder import RunFolder, RunResult
 
-# The paper's COCO recipe (BiT section 4.3, the standard RetinaNet one): 30 epochs of batch 256 at 1024px,
+# The paper's COCO recipe (the standard RetinaNet one): 30 epochs of batch 256 at 1024px,
 # SGD momentum 0.9, lr 0.08 divided by 10 at epochs 16 and 22, weight decay 1e-4.
 EPOCHS, BATCH, BASE_LR, DECAY_EPOCHS = 30, 256, 0.08, (16, 22)
 MOMENTUM, WEIGHT_DECAY, IMAGE_SIZE = 0.9, 1e-4, 1024
@@ -147,7 +147,7 @@ def finetune_detector(
     recipe_values = {
         k: given[k] for k in ("model", "epochs", "fpn_channels", "head_channels", "head_depth", "head_norm")
     }
-    recipe = engine.from_arguments(DetectionRecipe, arguments, embedded=embedded, **recipe_values)
+    recipe = engine.from_arguments(DetectionRecipe, arguments, **recipe_values)
     options = engine.from_arguments(
         engine.RunOptions, arguments, batch=given["batch"], base_lr=given["base_lr"], resolution=given["resolution"]
     )
@@ -166,7 +166,6 @@ class DetectionRecipe(engine.Recipe):
     head_channels: int
     head_depth: int
     head_norm: bool
-    embedded: bool = False  # no data given: the digit canvases
     coco_folder: str | None = None
     steps: int | None = None
     bit_pretrained_dir: str | None = None

@@ -5,14 +5,15 @@ The backbone's block outputs C3-C5 (strides 8, 16, 32) feed a feature pyramid P3
 relu(P6)); a class subnet and a box subnet, each `head_depth` 3x3 convolutions shared across levels, predict
 for 9 anchors per location (3 scales x 3 aspect ratios, 4 x stride). keras-hub 0.32 supplies the pyramid, the
 anchors, the IoU matching, the heads and non-max suppression; this module wires them to a BiT and adds what
-keras-hub's `RetinaNetObjectDetector` lacks: configurable head width, the 0.01 prior on the class (not the box)
-head, the paper's focal loss and per-class non-max suppression.
+keras-hub's `RetinaNetObjectDetector` lacks: configurable pyramid and head widths, the 0.01 prior on the class
+(not the box) head and per-class non-max suppression. The loss is `bit_keras.detection.objective.FocalLoss`.
 """
 
 import keras
 from keras import ops
 
-# keras-hub exports only the assembled RetinaNet (fixed 256-channel pyramid and heads); its parts live here.
+# keras-hub exports only the assembled RetinaNet (fixed 256-channel pyramid and heads); its parts live in these
+# modules, pinned by the keras-hub 0.32.x requirement.
 from keras_hub.layers import AnchorGenerator, NonMaxSuppression
 from keras_hub.src.models.retinanet.feature_pyramid import FeaturePyramid
 from keras_hub.src.models.retinanet.prediction_head import PredictionHead
