@@ -207,7 +207,8 @@ def _add_finetune_detector(sub):
 def _detect(args):
     from bit_keras.detection.detect import detect, print_table
 
-    results = detect(args.model, args.images, args.score_threshold, args.out)
+    given = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
+    results = detect(args.model, args.images, out=args.out, **given)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--model", required=True, help="a finetune-detector run folder, its model.keras or its export")
     detect.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP)")
     detect.add_argument("--out", default="detections", help="folder for the drawn PNGs (default: detections)")
-    detect.add_argument("--score_threshold", type=float, default=0.5, help="lowest score shown (default 0.5)")
+    detect.add_argument("--score_threshold", type=float, default=None, help="lowest score shown (default 0.5)")
     detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     detect.set_defaults(func=_detect)
     return parser

@@ -11,10 +11,8 @@ from bit_keras.detection.retinanet import RetinaNet
 from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
 from bit_keras.serving.predict import read_image
 
-SCORE_THRESHOLD = 0.5  # detections shown by default
 
-
-def detect(model: str, images: list[str], score_threshold: float = SCORE_THRESHOLD, out: str | None = None):
+def detect(model: str, images: list[str], score_threshold: float = drawing.SHOWN_SCORE, out: str | None = None):
     """`[{"image": path, "detections": [{"class", "label", "score", "box"}, ...], "picture": png}, ...]`, best
     first; `box` is (ymin, xmin, ymax, xmax) normalized to the image.
 

@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw, ImageFont
 MIN_SIDE = 256  # smaller images are upscaled (by an integer factor) to at least this shorter side, for legible labels
 TRUE_COLOR, PREDICTED_COLOR = (0, 160, 0), (255, 64, 64)
 PAD, LEGEND_HEIGHT = 8, 24  # the grid's spacing around cells, and the legend band at its top
-LEGEND = "green: true boxes, red: predicted (score)"
+SHOWN_SCORE = 0.5  # detections drawn (and printed by `bit-keras detect`) score at least this by default
+LEGEND = f"green: true boxes, red: predicted with score >= {SHOWN_SCORE:g} (score)"
 _MARGIN = 2  # between a label's text and the edge of its background
 
 

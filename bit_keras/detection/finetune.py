@@ -273,7 +273,8 @@ class DetectionRecipe(engine.Recipe):
         from bit_keras.detection import drawing
 
         truth, found = predict_dataset(model, data.test.take(GRID_IMAGES), GRID_IMAGES, keep_images=True)
-        drawing.save_detection_grid(truth, found, data.class_names, os.path.join(run.path, "detections.png"))
+        shown = [{k: v[f["scores"] >= drawing.SHOWN_SCORE] for k, v in f.items() if k != "image_id"} for f in found]
+        drawing.save_detection_grid(truth, shown, data.class_names, os.path.join(run.path, "detections.png"))
 
 
 def predict_dataset(model, dataset, batch_size, keep_images=False):
