@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.list_logical_devices()  # TensorFlow's device start-up lines (a failed cuInit on CPU hosts)
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError) as err:  # CheckpointError, DownloadError, FileNotFoundError, an extra
+    except (ValueError, OSError, ImportError, FloatingPointError) as err:  # CheckpointError, DownloadError, ...
         print(f"bit-keras {args.command}: {err}", file=sys.stderr)
         return 1
     except tf.errors.OpError as err:  # e.g. an image whose body does not decode, met during training

@@ -4,6 +4,7 @@ one `--help` in a real process, and the CLI-level checks of `export`."""
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 
@@ -105,3 +106,37 @@ def test_training_flags_are_checked_before_anything(tmp_path, capsys):
         assert cli.main(["pretrain", "--dataset", "digits", "--logdir", str(tmp_path / "runs"), *args]) == 1
         assert message in capsys.readouterr().err, args
     assert not (tmp_path / "runs").exists()
+
+
+def test_serving_numbers_and_dtypes_are_checked(tmp_path, capsys):
+    """`x or default` is gone from serving too: 0 and negatives are errors naming the flag; a dtype policy BiT
+    cannot compute in is refused when the model is named, before any file is written."""
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read: the numbers are checked first")
+    cases = {
+        ("predict", "--model", "R14x0.5", "--top_k", "0", str(image)): "top_k must be a positive integer, got 0",
+        (
+            "predict",
+            "--model",
+            "R14x0.5",
+            "--image_size",
+            "0",
+            str(image),
+        ): "image_size must be a positive integer, got 0",
+        ("export", "--model", "BiT-R14x0.5-mnist5k", "--top_k", "-3"): "top_k must be a positive integer, got -3",
+        (
+            "export",
+            "--model",
+            "BiT-R14x0.5-mnist5k",
+            "--image_size",
+            "0",
+        ): "image_size must be a positive integer, got 0",
+        ("convert", "R14x0.5", "--num_classes", "0", "--dtype", "float16", "--out", str(tmp_path / "m.keras")): (
+            "dtype must be one of ['float32', 'mixed_bfloat16', 'mixed_float16'] (a Keras dtype policy), got 'float16'"
+        ),
+    }
+    for args, message in cases.items():
+        assert cli.main([*args, *(["--out", str(tmp_path / "e")] if args[0] == "export" else [])]) == 1, args
+        lines = message_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and message in lines[0], (args, lines)
+    assert sorted(os.listdir(tmp_path)) == ["x.png"]

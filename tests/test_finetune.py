@@ -6,6 +6,7 @@ Strategies (Mirrored, MultiWorkerMirrored) and the SIGKILL resume run in subproc
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -327,3 +328,27 @@ def test_bad_choices():
         finetune(data=stripes_data(), model="R26x0.5", strategy="mirrored", tpu="local")
     with pytest.raises(FileNotFoundError, match="BiT-M-R50x1.npz does not exist"):
         finetune(data=stripes_data(), model="BiT-M-R50x1", bit_pretrained_dir="/nonexistent", verbose=0)
+
+
+def test_damaged_run_files_are_named_and_metrics_are_strict_json(tmp_path):
+    """A cut-short run.json or state.json is a one-line error naming the file; NaN never reaches a JSON file."""
+    import json
+
+    from bit_keras.training.run_folder import strict_json
+
+    run = RunFolder(str(tmp_path / "run"))
+    run.start({"a": 1})
+    state = os.path.join(run.checkpoint_dir, "state.json")
+    with open(state, "w") as f:
+        f.write('{"step": 1')
+    with pytest.raises(ValueError, match=f"^{re.escape(state)} is not valid JSON .*--overwrite"):
+        run.prepare({"a": 1})
+    with open(state, "w") as f:
+        json.dump({"step": 1, "weights": "w.h5"}, f)
+    with open(os.path.join(run.path, "run.json"), "w") as f:
+        f.write("")
+    with pytest.raises(ValueError, match=f"^{re.escape(os.path.join(run.path, 'run.json'))} is not valid JSON"):
+        run.prepare({"a": 1})
+    run._write_json(str(tmp_path / "m.json"), {"x": float("nan"), "y": [1.0, float("inf")], "z": 2.5})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"x": None, "y": [1.0, None], "z": 2.5}
+    assert "NaN" not in (tmp_path / "m.json").read_text() and strict_json((float("-inf"),)) == [None]

@@ -9,6 +9,7 @@ import os
 import keras
 import tensorflow as tf
 
+from bit_keras.checks import check_finite, check_int
 from bit_keras.detection import data as data_lib
 from bit_keras.detection import evaluation, pipeline, retinanet
 from bit_keras.detection.objective import FocalLoss
@@ -179,8 +180,8 @@ class DetectionRecipe(engine.Recipe):
             raise ValueError("manual_dir is for classification datasets; the detection datasets download themselves")
         if options.dataset is not None and self.coco_folder is not None:
             raise ValueError("give either a detection dataset or a COCO folder, not both")
-        engine.check_int("steps", self.steps)
-        engine.check_finite("epochs", self.epochs, positive=True)
+        check_int("steps", self.steps)
+        check_finite("epochs", self.epochs, positive=True)
         retinanet.check_options(
             options.resolution,
             self.fpn_channels,

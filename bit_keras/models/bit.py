@@ -13,6 +13,9 @@ from bit_keras.models.layers import (
 )
 
 FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
+# Float32 weights computing in float32 or (mixed precision) bfloat16/float16; pure float16, bfloat16 or float64
+# weights are refused (GroupNorm and weight standardization are not built for them).
+POLICIES = (None, "float32", "mixed_bfloat16", "mixed_float16")
 
 
 def channels(width, base=64):
@@ -21,6 +24,14 @@ def channels(width, base=64):
     if value != int(value) or value < 1:
         raise ValueError(f"width={width} gives {value} channels from {base}: choose a width with whole channels")
     return int(value)
+
+
+def check_policy(dtype) -> str | None:
+    """The dtype policy name of `dtype` (None: float32 without a policy); a one-line error unless in `POLICIES`."""
+    policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
+    if policy not in POLICIES:
+        raise ValueError(f"dtype must be one of {[p for p in POLICIES if p]} (a Keras dtype policy), got {dtype!r}")
+    return policy
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
@@ -55,6 +66,7 @@ class BiT(keras.Model):
         dtype: str | None = None,
         **kwargs,
     ):
+        policy = check_policy(dtype)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if num_classes is None or num_classes < 0:
@@ -99,7 +111,7 @@ class BiT(keras.Model):
         self.weight_standardization = weight_standardization
         self.groups = groups
         self.image_shape = tuple(input_shape)
-        self.policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
+        self.policy = policy
         self.num_features = features["pre_logits"].shape[-1]
         self.features = features
         self.pyramid_outputs = {f"P{b + 1}": features[f"block{b}"] for b in range(1, len(block_units) + 1)}

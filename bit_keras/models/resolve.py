@@ -11,8 +11,9 @@ import os
 
 import keras
 
+from bit_keras.checks import check_int
 from bit_keras.models import zoo
-from bit_keras.models.bit import BiT
+from bit_keras.models.bit import BiT, check_policy
 
 # A model folder (what a finished training run leaves): the model, its class names and its metrics.
 MODEL_FILE, CLASS_NAMES_FILE, METRICS_FILE = "model.keras", "class_names.txt", "metrics.json"
@@ -102,6 +103,8 @@ def resolve_model(
     `dtype` is a Keras dtype policy (e.g. "mixed_bfloat16"). `labels` (a file of class names, one per line)
     and `image_size` override what is found.
     """
+    check_int("image_size", image_size)
+    check_policy(dtype)
     kind = check_spec(spec, weights, pretrained_dir)
     spec = str(spec)
     found_size = labels_source = labels_path = None
@@ -134,7 +137,8 @@ def resolve_model(
         name = model.name
     if labels is not None:
         labels_path, labels_source = labels, None
-    return ResolvedModel(model, name, image_size or found_size, labels_path, labels_source, cache_dir)
+    image_size = found_size if image_size is None else image_size
+    return ResolvedModel(model, name, image_size, labels_path, labels_source, cache_dir)
 
 
 def save_model(model: keras.Model, path: str) -> str:

@@ -24,6 +24,7 @@ import shutil
 import keras
 import tensorflow as tf
 
+from bit_keras.checks import check_int
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.models.layers import portable_ops
 
@@ -50,6 +51,8 @@ def export(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    check_int("top_k", top_k)
+    check_int("image_size", image_size)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True, or --overwrite, to replace it)")

@@ -5,6 +5,7 @@ import re
 
 import tensorflow as tf
 
+from bit_keras.checks import check_int
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.models.resolve import resolve_model
 
@@ -25,6 +26,8 @@ def predict(
     preprocessed the same way: decoded to RGB, resized to `image_size` without keeping the aspect ratio.
     Unreadable image files are a ValueError naming the file.
     """
+    check_int("top_k", top_k)
+    check_int("image_size", image_size)
     encoded = [read_image(path) for path in images]
     if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
         if labels or image_size:

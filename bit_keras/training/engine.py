@@ -19,11 +19,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from bit_keras.checks import check_finite, check_int
 from bit_keras.data import sources
 from bit_keras.training import logs
-from bit_keras.training.run_folder import RunFolder, RunResult
+from bit_keras.training.run_folder import RunFolder, RunResult, strict_json
 from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
 from bit_keras.training.trainer import Objective, Trainer, mixed_precision_policy
 
@@ -106,23 +108,6 @@ def from_arguments(cls, arguments: dict, **overrides):
     return cls(**({k: v for k, v in arguments.items() if k in names} | overrides))
 
 
-def check_int(flag: str, value, minimum: int = 1) -> None:
-    """A one-line error unless `value` is None or an integer >= `minimum`."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{flag} must be {what}, got {value!r}")
-
-
-def check_finite(flag: str, value, positive: bool = False) -> None:
-    """A one-line error unless `value` is None or a finite number > 0 (`positive`) or >= 0 (NaN fails both)."""
-    if value is None:
-        return
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not (number and (value > 0 if positive else value >= 0) and value < math.inf):
-        what = "a positive finite number" if positive else "a finite number >= 0"
-        raise ValueError(f"{flag} must be {what}, got {value!r}")
-
-
 class Rule(Protocol):
     """A recipe's schedule: `hyperrule.HyperRule` and `upstream.UpstreamRule` are ones."""
 
@@ -198,9 +183,8 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         raise ValueError(f"batch {rule.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
     name = plan.name if options.name is None else options.name
     run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
-    run.prepare(plan.config, options.overwrite)
-
-    with logs.run_logging(options.verbose) as run_log:
+    with run.locked(), logs.run_logging(options.verbose) as run_log:  # one run per folder, for the whole run
+        run.prepare(plan.config, options.overwrite)
         keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
         with strategy.scope():
             model = recipe.build_model(data, plan, options)
@@ -246,7 +230,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
             **{k: v for k, v in plan.config.items() if k != "class_names"},
             **plan.metrics,
         }
-        metrics = json.loads(json.dumps(metrics))  # exactly what metrics.json holds
+        metrics = json.loads(json.dumps(strict_json(metrics)))  # exactly what metrics.json holds
         if run.chief:
             recipe.save_artifacts(run, model, data, plan)
             run.finish(model, data.class_names, metrics)
@@ -293,7 +277,17 @@ class RunCallback(keras.callbacks.Callback):
         self._epoch_train_s = None
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._step() >= self.total_steps:
+        step = self._step()
+        loss = float(np.asarray((logs or {}).get("loss", 0.0)).reshape(-1)[0])  # [1]-shaped on multi-worker
+        if not math.isfinite(loss):
+            last = self.evals[-1]["step"] if self.evals else None
+            kept = f"the checkpoint of step {last} is kept" if last else "no checkpoint was written yet"
+            where = f"{kept} in {self.run.checkpoint_dir}"
+            raise FloatingPointError(
+                f"the training loss became {loss} at step {step}: the run stopped ({where}); lower --base_lr or "
+                "check the data"
+            )
+        if step >= self.total_steps:
             self.model.stop_training = True
 
     def on_test_begin(self, logs=None):

@@ -6,6 +6,7 @@ import os
 import keras
 import tensorflow as tf
 
+from bit_keras.checks import check_finite, check_int
 from bit_keras.data import pipeline, sources
 from bit_keras.models import resolve
 from bit_keras.training import engine
@@ -118,9 +119,9 @@ class HyperRuleRecipe(engine.Recipe):
                 f"freeze_backbone trains only the head; it contradicts trainable_from={self.trainable_from!r}"
             )
         for flag in ("examples_per_class", "dataset_size", "steps"):
-            engine.check_int(flag, getattr(self, flag))
-        engine.check_int("examples_per_class_seed", self.examples_per_class_seed, minimum=0)
-        engine.check_finite("mixup_alpha", self.mixup_alpha)
+            check_int(flag, getattr(self, flag))
+        check_int("examples_per_class_seed", self.examples_per_class_seed, minimum=0)
+        check_finite("mixup_alpha", self.mixup_alpha)
         resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
 
     def load_data(self, options: engine.RunOptions) -> sources.Data:

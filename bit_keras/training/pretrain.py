@@ -6,6 +6,7 @@ import os
 import keras
 import tensorflow as tf
 
+from bit_keras.checks import check_finite, check_int
 from bit_keras.data import pipeline, sources
 from bit_keras.models import checkpoint, zoo
 from bit_keras.models.layers import NORMALIZATIONS
@@ -86,11 +87,11 @@ class UpstreamRecipe(engine.Recipe):
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(upstream.PRESETS)}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        engine.check_int("epochs", self.epochs)
-        engine.check_int("warmup_steps", self.warmup_steps, minimum=0)
-        engine.check_finite("weight_decay", self.weight_decay)
+        check_int("epochs", self.epochs)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_finite("weight_decay", self.weight_decay)
         for epoch in self.decay_epochs or ():
-            engine.check_int("decay_epochs", epoch)
+            check_int("decay_epochs", epoch)
 
     def plan(self, data: sources.Data, options: engine.RunOptions) -> engine.Plan:
         loss = loss_for_labels(data.train.element_spec[1])

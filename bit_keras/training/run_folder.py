@@ -10,22 +10,28 @@
       curves.png          learning curves          /
       checkpoint.npz      pretraining runs: the weights in the official layout (at the end)
       metrics.json        written last: its presence means the run finished (the checkpoint is then deleted)
+      .lock               held (flock) by the process running in the folder: one run per folder
 
 Every file is written to a temporary name and renamed into place, so a killed run never leaves a
 half-written file, and only a finished run has `metrics.json`.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 
 import keras
 
 from bit_keras.models.resolve import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, save_model
 
-CONFIG, STATE, LOG = "run.json", "state.json", "train.log"
+CONFIG, STATE, LOG, LOCK = "run.json", "state.json", "train.log", ".lock"
 
 
 @dataclasses.dataclass
@@ -52,6 +58,32 @@ class RunFolder:
         self.metrics_path = os.path.join(self.path, METRICS_FILE)
         self.log_path = os.path.join(self.path, LOG)
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the folder's lock (`.lock`, an exclusive `flock`) while the block runs; a one-line error naming the
+        folder and the holder when another process holds it. The kernel releases it when its holder dies, so a
+        killed run leaves no stale lock."""
+        os.makedirs(self.path, exist_ok=True)
+        path = os.path.join(self.path, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(
+                f"{self.path} is in use by another run ({holder}); wait for it or use another --name"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(
+                fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+            )
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     def finished(self):
         return os.path.exists(self.metrics_path)
 
@@ -75,18 +107,14 @@ class RunFolder:
     def state(self):
         """The saved training state (`step`, `weights`, `evals`, `history`, `wall_s`), or None."""
         path = os.path.join(self.checkpoint_dir, STATE)
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return _read_json(path) if os.path.exists(path) else None
 
     def check_config(self, config):
         """Refuse to resume a checkpoint written for another configuration; name what differs."""
         path = os.path.join(self.path, CONFIG)
         if self.state() is None or not os.path.exists(path):
             return
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = _read_json(path)
         config = json.loads(json.dumps(config))  # tuples as lists, as saved
         differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
         if differ:
@@ -127,13 +155,35 @@ class RunFolder:
         shutil.rmtree(self.checkpoint_dir)  # the training state is no longer needed: model.keras has the weights
 
     def _write_json(self, path, value):
-        self._write_text(path, json.dumps(value, indent=2) + "\n")
+        self._write_text(path, json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
 
     def _write_text(self, path, text):
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
+
+
+def strict_json(value):
+    """`value` with every NaN or infinite float replaced by None, as strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _read_json(path):
+    """A run file's JSON; a one-line error naming the file when it is not JSON (e.g. cut short by a full disk)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}): a damaged run file; remove it, or pass --overwrite to start afresh"
+        ) from None
 
 
 def plot_curves(metrics, path):
