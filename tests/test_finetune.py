@@ -26,7 +26,7 @@ from tests.finetune_helpers import CLASSES, ROOT, stripes_data, weights_of, writ
 pytestmark = pytest.mark.timeout(600)
 
 # What a fine-tuning run folder and its metrics.json held before the run engine was unified (kept, added to).
-RUN_FILES = {"run.json", "tensorboard", "model.keras", "class_names.txt", "curves.png", "metrics.json"}
+RUN_FILES = {"run.json", "tensorboard", "model.keras", "class_names.txt", "curves.png", "metrics.json", ".lock"}
 METRICS_KEYS = {
     "name", "test_accuracy", "evals", "steps", "wall_s", "images_per_s", "num_train", "num_test", "dataset_size",
     "dataset_size_source", "replicas", "batch_split", "xla", "data", "examples_per_class", "examples_per_class_seed",

@@ -23,6 +23,7 @@ RUN_FILES = {
     "curves.png",
     "checkpoint.npz",
     "metrics.json",
+    ".lock",  # the run-folder lock's file (unlocked: the kernel holds no lock on it)
 }
 METRICS_KEYS = {
     "name", "test_accuracy", "metric", "evals", "steps", "wall_s", "images_per_s", "replicas", "batch_split", "xla",
