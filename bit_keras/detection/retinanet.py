@@ -59,7 +59,9 @@ def label_encoder() -> RetinaNetLabelEncoder:
     )
 
 
-def check_options(image_size, fpn_channels, head_channels, head_depth, head_norm, num_classes=1, flags=None):
+def check_options(
+    image_size, fpn_channels, head_channels, head_depth, head_norm, num_classes=1, prior_probability=0.01, flags=None
+):
     """One-line errors for detector settings a `RetinaNet` cannot have (`flags` renames them, e.g. for the CLI)."""
     flags = flags or {}
     sizes = {"num_classes": num_classes, "image_size": image_size, "fpn_channels": fpn_channels}
@@ -72,6 +74,9 @@ def check_options(image_size, fpn_channels, head_channels, head_depth, head_norm
         raise ValueError(f"{name} must be a multiple of {2**MAX_LEVEL} (the coarsest stride), got {image_size}")
     if head_norm and head_channels % 32:
         raise ValueError(f"head_norm uses 32 groups: head_channels must be a multiple of 32, got {head_channels}")
+    number = isinstance(prior_probability, int | float) and not isinstance(prior_probability, bool)
+    if not (number and 0 < prior_probability < 1):
+        raise ValueError(f"prior_probability must be a number in (0, 1), got {prior_probability!r}")
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
@@ -110,6 +115,7 @@ class RetinaNet(keras.Model):
             head_channels=head_channels,
             head_depth=head_depth,
             head_norm=head_norm,
+            prior_probability=prior_probability,
         )
         num_anchors = NUM_SCALES * len(ASPECT_RATIOS)
         images = keras.Input((image_size, image_size, 3), name="images")

@@ -234,7 +234,8 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         if run.chief:
             recipe.save_artifacts(run, model, data, plan)
             run.finish(model, data.class_names, metrics)
-        result = f"{objective.headline.replace('_', ' ')} {metrics[objective.headline]:.4f}"
+        value = metrics[objective.headline]  # None if it was not a finite number
+        result = f"{objective.headline.replace('_', ' ')} {'-' if value is None else f'{value:.4f}'}"
         log.info(f"{result} after {rule.steps} steps; run folder {run.path}")
     return RunResult(model, metrics, run.path)
 
