@@ -31,7 +31,6 @@ DEFAULTS |= {"fpn_channels": 256, "head_channels": 256, "head_depth": 4, "head_n
 # paper's lr (the README's detection section has the tuning runs).
 EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 16, "base_lr": 0.32, "resolution": 128, "epochs": 24}
 EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2, "head_norm": True}
-SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100  # detections scored by COCO AP (COCO's evaluation settings)
 GRID_IMAGES = 8  # test images drawn in detections.png
 
 
@@ -313,6 +312,6 @@ def _detector_function(model):
 
     @tf.function
     def detect(images):
-        return model.decode(model(images, training=False), SCORE_THRESHOLD, max_detections=MAX_DETECTIONS)
+        return model.decode(model(images, training=False))  # at COCO's evaluation settings
 
     return detect

@@ -64,16 +64,6 @@ def eval_batches(dataset, encoder, size, batch_size):
     return _encoded(batches.batch(batch_size), encoder)
 
 
-def images_and_ids(dataset, size, batch_size):
-    """`(images, image_ids)` batches of `dataset` resized for the detector (what evaluation predicts on)."""
-
-    def prepare(example):
-        image = tf.image.resize(tf.image.convert_image_dtype(example["image"], tf.float32), (size, size))
-        return image, example["image_id"]
-
-    return dataset.map(prepare, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
-
-
 def _kept(boxes, classes):
     """Pixel boxes of at least `MIN_SIDE` on each side and their classes (float32), padded to `MAX_BOXES` with
     zero-area boxes of the background class (they match no anchor)."""

@@ -26,6 +26,7 @@ NUM_SCALES, ASPECT_RATIOS, ANCHOR_SIZE = 3, (0.5, 1.0, 2.0), 4  # anchors 4 x st
 POSITIVE_IOU, NEGATIVE_IOU = 0.5, 0.4  # anchors matched at IoU >= 0.5, background below 0.4, ignored between
 BOX_ENCODING = "center_yxhw"  # box targets: center offsets / anchor size and log size ratios
 BACKGROUND, IGNORED = -1, -2  # class targets of unmatched and ignored anchors
+SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100  # decoding's defaults: COCO's evaluation settings
 
 
 def anchor_generator() -> AnchorGenerator:
@@ -166,7 +167,14 @@ class RetinaNet(keras.Model):
         """The anchors, [A, 4] (ymin, xmin, ymax, xmax) in pixels, levels P3..P7 in order (as the outputs)."""
         return anchors(self.image_size)
 
-    def decode(self, outputs, score_threshold=0.05, iou_threshold=0.5, max_detections=100, candidates=1000):
+    def decode(
+        self,
+        outputs,
+        score_threshold=SCORE_THRESHOLD,
+        iou_threshold=0.5,
+        max_detections=MAX_DETECTIONS,
+        candidates=1000,
+    ):
         """Detections from raw outputs: `{"boxes": [B, max_detections, 4] normalized (ymin, xmin, ymax, xmax),
         "scores", "classes", "num_detections" [B]}`, padded with score 0 and class -1.
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from bit_keras.checks import check_int
 from bit_keras.data.pipeline import decode_and_resize
+from bit_keras.detection.retinanet import MAX_DETECTIONS
 from bit_keras.models.layers import portable_ops
 
 KINDS = ("feature_vector", "classification")
@@ -114,13 +115,13 @@ def export_detector(model: keras.Model, out: str | os.PathLike, class_names: lis
         # One image at a time: keras-hub's non-max suppression needs a static batch size.
         found = tf.map_fn(
             lambda one: tf.nest.map_structure(
-                lambda x: x[0], model.decode(tf.nest.map_structure(lambda x: x[None], one), 0.05, max_detections=100)
+                lambda x: x[0], model.decode(tf.nest.map_structure(lambda x: x[None], one))
             ),
             outputs,
             fn_output_signature={
-                "boxes": tf.TensorSpec([100, 4], tf.float32),
-                "scores": tf.TensorSpec([100], tf.float32),
-                "classes": tf.TensorSpec([100], tf.int32),
+                "boxes": tf.TensorSpec([MAX_DETECTIONS, 4], tf.float32),
+                "scores": tf.TensorSpec([MAX_DETECTIONS], tf.float32),
+                "classes": tf.TensorSpec([MAX_DETECTIONS], tf.int32),
                 "num_detections": tf.TensorSpec([], tf.int32),
             },
         )
