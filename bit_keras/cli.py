@@ -216,7 +216,7 @@ def _detect(args):
 
 
 def _export(args):
-    from bit_keras.models.resolve import resolve_model
+    from bit_keras.models.resolve import kind_of, resolve_model
     from bit_keras.serving.export import export
 
     if (args.run is None) == (args.model is None):
@@ -224,9 +224,16 @@ def _export(args):
     if args.run is not None and _is_detection_run(args.run):
         _export_detector(args)
         return
+    random = args.model is not None and kind_of(args.model) == "architecture" and args.weights is None
+    if random and args.kind == "classification":
+        raise ValueError(
+            f"{args.model} is an architecture (random weights, no head): --kind classification needs a checkpoint "
+            "name, a .keras file or a run folder; leave --kind out for a feature-vector export"
+        )
     source = resolve_model(
         args.run or args.model,
         weights=args.weights,
+        num_classes=0 if random else None,  # an architecture's random features: no head to ask a size for
         labels=args.labels,
         image_size=args.image_size,
         cache_dir=args.cache_dir,
@@ -237,7 +244,7 @@ def _export(args):
         raise ValueError(f"no class names for {source.name}: pass --labels FILE (one name per line)")
     out = args.out or os.path.join("exports", source.name, kind)
     out = export(source.model, out, kind, class_names, source.image_size, top_k=args.top_k, overwrite=args.overwrite)
-    print(f"wrote {out}: {kind} export of {source.name}")
+    print(f"wrote {out}: {kind} export of {source.name}" + (" (random weights)" if random else ""))
 
 
 def _is_detection_run(folder):

@@ -140,3 +140,32 @@ def test_serving_numbers_and_dtypes_are_checked(tmp_path, capsys):
         lines = message_lines(capsys.readouterr().err)
         assert len(lines) == 1 and message in lines[0], (args, lines)
     assert sorted(os.listdir(tmp_path)) == ["x.png"]
+
+
+def test_folders_that_are_not_ours_are_never_replaced(tmp_path, capsys):
+    """`--overwrite` replaces only what bit_keras wrote: an export over a folder that is no SavedModel, and a run in a
+    folder without run.json that holds a name a run writes (model.keras, checkpoint/, ...), are refused by name with
+    the user's files untouched. An architecture exports its random features without asking for a head size."""
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    assert cli.main(["export", "--model", "R14x0.5", "--out", str(users), "--overwrite"]) == 1
+    lines = message_lines(capsys.readouterr().err)
+    assert lines == [
+        f"bit-keras export: {users} exists and is not a SavedModel export: not replacing it; choose another --out"
+    ]
+    (users / "model.keras").write_text("a model of mine")
+    for overwrite in ([], ["--overwrite"]):
+        args = ["finetune", "--logdir", str(tmp_path), "--name", "mine", "--steps", "5", *overwrite]
+        assert cli.main(args) == 1
+        lines = message_lines(capsys.readouterr().err)
+        assert (
+            len(lines) == 1 and f"{users} is not a bit_keras run folder (no run.json) but holds model.keras" in lines[0]
+        )
+    assert sorted(os.listdir(users)) == ["model.keras", "notes.txt"]
+    assert (users / "model.keras").read_text() == "a model of mine"
+    assert cli.main(["export", "--model", "R14x0.5", "--kind", "classification", "--out", str(tmp_path / "e")]) == 1
+    assert "R14x0.5 is an architecture (random weights, no head)" in capsys.readouterr().err
+    assert cli.main(["export", "--model", "R14x0.5", "--out", str(tmp_path / "e")]) == 0
+    assert "feature_vector export of r14x0_5 (random weights)" in capsys.readouterr().out
+    assert (tmp_path / "e" / "saved_model.pb").exists()

@@ -11,6 +11,7 @@ import os
 
 import keras
 
+from bit_keras import files
 from bit_keras.checks import check_int
 from bit_keras.models import zoo
 from bit_keras.models.bit import BiT, check_policy
@@ -143,15 +144,8 @@ def resolve_model(
 
 def save_model(model: keras.Model, path: str) -> str:
     """Write `model` as a `.keras` file at `path` through a temporary file beside it, renamed when complete."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.keras")  # Keras wants the suffix
-    try:
+    with files.replacing(path, ".keras") as tmp:  # Keras wants the suffix
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -19,11 +19,11 @@ object (`hub.KerasLayer(hub.load(path).feature_vector, trainable=True)`, or
 """
 
 import os
-import shutil
 
 import keras
 import tensorflow as tf
 
+from bit_keras import files
 from bit_keras.checks import check_int
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.detection.retinanet import MAX_DETECTIONS
@@ -55,8 +55,7 @@ def export(
     check_int("top_k", top_k)
     check_int("image_size", image_size)
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True, or --overwrite, to replace it)")
+    _check_out(out, overwrite)
     if kind == "classification":
         if not model.num_classes:
             raise ValueError("a classification export needs a model with a head (num_classes > 0)")
@@ -104,8 +103,7 @@ def export_detector(model: keras.Model, out: str | os.PathLike, class_names: lis
     `overwrite`.
     """
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True, or --overwrite, to replace it)")
+    _check_out(out, overwrite)
     if len(class_names) != model.num_classes:
         raise ValueError(f"a detector of {model.num_classes} classes needs as many class names, got {len(class_names)}")
     size = model.image_size
@@ -165,17 +163,9 @@ def export_detector(model: keras.Model, out: str | os.PathLike, class_names: lis
 
 def _write_saved_model(out, build):
     """`build(tmp)` -> (root, signatures), saved to a temporary directory beside `out`, then renamed to `out`."""
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with portable_ops():  # the SavedModel may be served on a GPU
-            root, signatures = build(tmp)
-            tf.saved_model.save(root, tmp, signatures=signatures)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with files.replacing(out) as tmp, portable_ops():  # the SavedModel may be served on a GPU
+        root, signatures = build(tmp)
+        tf.saved_model.save(root, tmp, signatures=signatures)
 
 
 def _add_labels(root, tmp, class_names):
@@ -242,12 +232,11 @@ def _serving_bytes(net, labels, image_size, k):
     return serve_bytes
 
 
-def _replace_dir(src, dst):
-    """Move directory `src` to `dst`, replacing what is there only once `src` is complete."""
-    if os.path.exists(dst):
-        old = f"{dst}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
+def _check_out(out, overwrite):
+    """Refuse an existing `out` unless `overwrite`, and never replace what is not a SavedModel (or empty)."""
+    if not os.path.exists(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True, or --overwrite, to replace it)")
+    if not os.path.isdir(out) or (os.listdir(out) and not os.path.exists(os.path.join(out, "saved_model.pb"))):
+        raise FileExistsError(f"{out} exists and is not a SavedModel export: not replacing it; choose another --out")

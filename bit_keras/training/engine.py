@@ -130,6 +130,7 @@ class Plan:
     image_size: int  # the side the evaluation resizes images to (what serving the model needs)
     loss: "str | Callable[[], Objective]" = "softmax"  # Trainer's loss, or a factory of an objective (in scope)
     description: tuple[str, ...] = ()  # lines for the log
+    warnings: tuple[str, ...] = ()  # where the recipe's values are far from the data (logged as warnings)
     metrics: dict = dataclasses.field(default_factory=dict)  # the recipe's own metrics.json entries
 
 
@@ -177,26 +178,36 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     recipe.check(options)
     strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
     data = recipe.load_data(options)
+    for split in ("train", "test"):
+        if int(getattr(data, split).cardinality()) == 0:
+            raise ValueError(f"{data.name}: the {split} split is empty")
     plan = recipe.plan(data, options)
+    config = {
+        **plan.config,
+        "data_fingerprint": getattr(data, "fingerprint", None),
+    }  # a resume on changed data is refused
     rule, replicas, split = plan.rule, strategy.num_replicas_in_sync, options.batch_split
     if rule.batch % (replicas * split):
         raise ValueError(f"batch {rule.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
     name = plan.name if options.name is None else options.name
     run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
+    run.refuse_foreign()
     with run.locked(), logs.run_logging(options.verbose) as run_log:  # one run per folder, for the whole run
-        run.prepare(plan.config, options.overwrite)
+        run.prepare(config, options.overwrite)
         keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
         with strategy.scope():
             model = recipe.build_model(data, plan, options)
             loss = plan.loss if isinstance(plan.loss, str) else plan.loss()
             trainer = Trainer(model, batch_split=split, loss=loss, weight_decay=rule.weight_decay, name="trainer")
             trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=options.xla)
-        run.start(plan.config)
+        run.start(config)
         if run.chief:
             run_log.to_file(run.log_path)
         state = run.restore(trainer)
         for line in plan.description:
             log.info(line)
+        for line in plan.warnings:
+            log.warning(line)
         frozen = sum(1 for layer in model.layers if layer.weights and not layer.trainable)
         log.info(
             f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen} frozen "

@@ -19,6 +19,7 @@ from bit_keras.training.run_folder import RunResult
 EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 64, "resolution": 32, "steps": 500, "base_lr": 0.03}
 DEFAULT_MODEL = "BiT-M-R50x1"  # for the user's own data
 TRAINABLE_FROM = ("block1", "block2", "block3", "block4", "head")
+UPSAMPLING_WARNING = 4  # crops this many times the images' side are worth a warning
 
 
 def finetune(
@@ -144,6 +145,21 @@ class HyperRuleRecipe(engine.Recipe):
         )
         if self.mixup_alpha is not None:
             rule = dataclasses.replace(rule, mixup_alpha=self.mixup_alpha)
+        warnings = []
+        if rule.batch > data.num_train:  # a batch of more images than exist would repeat them within the batch
+            batch = max(options.batch_split, data.num_train // options.batch_split * options.batch_split)
+            warnings.append(
+                f"batch {rule.batch} is larger than the {data.num_train:,} training examples: clamped to {batch} "
+                f"(lr scaled to it); the schedule's {rule.steps} steps are "
+                f"~{rule.steps * batch / data.num_train:,.0f} epochs"
+            )
+            rule = dataclasses.replace(rule, batch=batch, lr=hyperrule_lib.scaled_lr(batch, rule.base_lr))
+        if data.image_size and rule.crop >= UPSAMPLING_WARNING * min(data.image_size):
+            warnings.append(
+                f"the {rule.crop}px crops upsample the {data.image_size[0]}x{data.image_size[1]} images "
+                f"{rule.crop / min(data.image_size):.0f}x (the HyperRule's size for small images); --resolution "
+                "sets a smaller one"
+            )
         config = {
             "data": data.name,
             "class_names": data.class_names,
@@ -177,6 +193,7 @@ class HyperRuleRecipe(engine.Recipe):
             rule,
             image_size=rule.crop,
             description=tuple(description),
+            warnings=tuple(warnings),
             metrics={"dataset_size": size, "dataset_size_source": size_source},
         )
 

@@ -3,7 +3,7 @@
     LOGDIR/NAME/
       run.json            what the run trains (checked on resume)
       train.log           the run's log (a resumed run appends to it)
-      checkpoint/         latest training state: step-S.weights.h5 (model + optimizer) and state.json
+      checkpoint/         latest training state: step-S.npz (model + optimizer variables) and state.json
       tensorboard/        TensorBoard logs
       model.keras         the final model          \
       class_names.txt     one class name per line   } written at the end;
@@ -12,13 +12,15 @@
       metrics.json        written last: its presence means the run finished (the checkpoint is then deleted)
       .lock               held (flock) by the process running in the folder: one run per folder
 
-Every file is written to a temporary name and renamed into place, so a killed run never leaves a
-half-written file, and only a finished run has `metrics.json`.
+Every file is written through `bit_keras.files` (a temporary name renamed into place), so a killed run never
+leaves a half-written file, a full disk stops the run with one line and the previous checkpoint intact, the
+next run removes what a killed one left, and only a finished run has `metrics.json`.
 """
 
 import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import math
 import os
@@ -28,10 +30,24 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 
+from bit_keras import files
 from bit_keras.models.resolve import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, save_model
 
 CONFIG, STATE, LOG, LOCK = "run.json", "state.json", "train.log", ".lock"
+# What a run writes (and --overwrite deletes).
+ENTRIES = (
+    CONFIG,
+    "checkpoint",
+    "tensorboard",
+    MODEL_FILE,
+    CLASS_NAMES_FILE,
+    "curves.png",
+    "checkpoint.npz",
+    METRICS_FILE,
+    LOG,
+)
 
 
 @dataclasses.dataclass
@@ -58,6 +74,17 @@ class RunFolder:
         self.metrics_path = os.path.join(self.path, METRICS_FILE)
         self.log_path = os.path.join(self.path, LOG)
 
+    def refuse_foreign(self):
+        """A one-line error when the folder is not a run folder (no run.json) but holds a name a run writes: a run
+        neither writes into nor (`overwrite`) deletes such a folder."""
+        if not os.path.exists(os.path.join(self.path, CONFIG)):
+            found = [e for e in ENTRIES if os.path.exists(os.path.join(self.path, e))]
+            if found:
+                raise ValueError(
+                    f"{self.path} is not a bit_keras run folder (no {CONFIG}) but holds {found[0]}: a run neither "
+                    "writes into nor (--overwrite) deletes it; choose another --name or --logdir"
+                )
+
     @contextlib.contextmanager
     def locked(self):
         """Hold the folder's lock (`.lock`, an exclusive `flock`) while the block runs; a one-line error naming the
@@ -79,6 +106,8 @@ class RunFolder:
             os.write(
                 fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
             )
+            for folder in (self.path, self.checkpoint_dir):  # what a killed run left half-written
+                files.remove_temporaries(folder)
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -91,8 +120,7 @@ class RunFolder:
         """Before anything is written: clear it on `overwrite`, refuse a finished run, refuse resuming a
         checkpoint of another configuration."""
         if overwrite and self.chief:
-            files = (MODEL_FILE, CLASS_NAMES_FILE, "curves.png", "checkpoint.npz", METRICS_FILE, LOG)
-            for entry in (CONFIG, "checkpoint", "tensorboard", *files):
+            for entry in ENTRIES:
                 path = os.path.join(self.path, entry)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -117,6 +145,11 @@ class RunFolder:
         saved = _read_json(path)
         config = json.loads(json.dumps(config))  # tuples as lists, as saved
         differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+        if differ == ["data_fingerprint"]:
+            raise ValueError(
+                f"{self.checkpoint_dir}: the data changed since this checkpoint was written (files added, removed or "
+                "modified); restore the data, or use another --name or --overwrite to start afresh"
+            )
         if differ:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ[:4])
             raise ValueError(
@@ -129,39 +162,54 @@ class RunFolder:
         self._write_json(os.path.join(self.path, CONFIG), config)
 
     def save(self, trainer, state):
-        """Save the trainer's weights (model and optimizer) and `state`, atomically, replacing the previous ones."""
-        weights = f"step-{state['step']}.weights.h5"
-        tmp = os.path.join(self.checkpoint_dir, f".{weights}.{os.getpid()}.weights.h5")  # Keras wants the suffix
-        trainer.save_weights(tmp)
-        os.replace(tmp, os.path.join(self.checkpoint_dir, weights))
+        """Save the trainer's variables (model and optimizer) and `state`, replacing the previous ones only once both
+        are written. The variables go to an `.npz` by their order in `_training_variables` (h5py, Keras' weights
+        format, crashes the process on a full disk; an in-memory npz written at once fails with a clean error)."""
+        weights = f"step-{state['step']}.npz"
+        buffer = io.BytesIO()
+        np.savez(buffer, *[np.asarray(v.numpy()) for v in _training_variables(trainer)])
+        with files.replacing(os.path.join(self.checkpoint_dir, weights)) as tmp, open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
         previous = self.state()
         self._write_json(os.path.join(self.checkpoint_dir, STATE), {**state, "weights": weights})
         if previous and previous["weights"] != weights:
-            os.remove(os.path.join(self.checkpoint_dir, previous["weights"]))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.checkpoint_dir, previous["weights"]))
 
     def restore(self, trainer):
-        """Load the saved weights into `trainer` (its optimizer built) and return the state, or None."""
+        """Load the saved variables into `trainer` (its optimizer built) and return the state, or None."""
         state = self.state()
-        if state is not None:
-            trainer.load_weights(os.path.join(self.checkpoint_dir, state["weights"]))
+        if state is None:
+            return None
+        path = os.path.join(self.checkpoint_dir, state["weights"])
+        variables = _training_variables(trainer)
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        except (OSError, ValueError, EOFError, KeyError) as err:
+            raise ValueError(f"{path}: a damaged checkpoint ({err}); pass --overwrite to start afresh") from None
+        shapes = [tuple(v.shape) for v in variables]
+        if [tuple(x.shape) for x in values] != shapes:
+            raise ValueError(f"{path}: its variables do not fit this run's model and optimizer; pass --overwrite")
+        for variable, value in zip(variables, values):
+            variable.assign(value)
         return state
 
     def finish(self, model, class_names, metrics):
         """Write the final model, class names, curves and, last, `metrics.json`."""
         save_model(model, self.model_path)
-        self._write_text(self.classes_path, "".join(f"{name}\n" for name in class_names))
+        files.write_text(self.classes_path, "".join(f"{name}\n" for name in class_names))
         plot_curves(metrics, self.plot_path)
         self._write_json(self.metrics_path, metrics)
         shutil.rmtree(self.checkpoint_dir)  # the training state is no longer needed: model.keras has the weights
 
     def _write_json(self, path, value):
-        self._write_text(path, json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
+        files.write_text(path, json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
 
-    def _write_text(self, path, text):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+
+def _training_variables(trainer):
+    """Every variable a resume needs, in a fixed order: the model's weights, then the optimizer's."""
+    return [*trainer.model.weights, *trainer.optimizer.variables]
 
 
 def strict_json(value):
@@ -212,7 +260,8 @@ def plot_curves(metrics, path):
     score_ax.legend()
     fig.suptitle(metrics.get("name", ""))
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with files.replacing(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
