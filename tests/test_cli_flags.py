@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pathlib
+import socket
 import subprocess
 
 import pytest
@@ -169,3 +170,19 @@ def test_folders_that_are_not_ours_are_never_replaced(tmp_path, capsys):
     assert cli.main(["export", "--model", "R14x0.5", "--out", str(tmp_path / "e")]) == 0
     assert "feature_vector export of r14x0_5 (random weights)" in capsys.readouterr().out
     assert (tmp_path / "e" / "saved_model.pb").exists()
+
+
+def test_what_a_killed_convert_or_export_left_is_removed_by_the_next(tmp_path, capsys):
+    """Temporaries of a dead process (this host) beside a target are removed by the next write of that target; a
+    live process's are kept."""
+    dead, alive = f"{socket.gethostname()}-{2**22 + 17}", f"{socket.gethostname()}-1"
+    left = [tmp_path / f".m.keras.tmp-{dead}.keras", tmp_path / f".e.tmp-{dead}"]
+    left[0].write_bytes(b"partial")
+    left[1].mkdir()
+    (left[1] / "saved_model.pb").write_bytes(b"partial")
+    kept = tmp_path / f".m.keras.tmp-{alive}.keras"
+    kept.write_bytes(b"someone's")
+    assert cli.main(["convert", "R14x0.5", "--num_classes", "0", "--out", str(tmp_path / "m.keras")]) == 0
+    assert cli.main(["export", "--model", str(tmp_path / "m.keras"), "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["e", "m.keras", kept.name])
