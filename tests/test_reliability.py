@@ -136,3 +136,21 @@ print("STEP", state["step"], all(np.array_equal(a, v.numpy()) for a, v in zip(sa
     assert lines["ERROR"].startswith(f"{tmp_path / 'run' / 'checkpoint' / 'step-4.npz'}: cannot write (File too")
     assert lines["FILES"] == "['state.json', 'step-2.npz']"
     assert lines["STEP"] == "2 True"
+
+
+def test_a_log_file_that_cannot_be_written_is_one_warning(tmp_path):
+    """train.log past the file-size limit: one warning line on stderr, the records still on the screen."""
+    script = f"""
+import logging, resource
+from bit_keras.training import logs
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))
+with logs.run_logging(verbose=1) as run_log:
+    run_log.to_file({str(tmp_path / "train.log")!r})
+    for i in range(20):
+        logging.getLogger("bit_keras.test").info(f"record {{i}} " + "x" * 40)
+"""
+    out = subprocess.run(["python", "-c", script], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if not TF_NOISE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: cannot write {tmp_path / 'train.log'} ("), lines
+    assert out.stdout.count("record ") == 20

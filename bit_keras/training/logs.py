@@ -17,6 +17,25 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+class _RunFile(logging.FileHandler):
+    """`train.log`: a failed write (a full disk) is reported once on stderr, not as a traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            print(
+                f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); logging to it stopped",
+                file=sys.stderr,
+            )
+        self.setLevel(logging.CRITICAL + 1)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the records that did not fit, still buffered
+            super().close()
+
+
 class RunLog:
     """The handlers of one run, removed when it ends (see `run_logging`)."""
 
@@ -31,7 +50,7 @@ class RunLog:
 
     def to_file(self, path: str) -> None:
         """Also write every INFO record, timestamped, to `path` (appended: a resumed run continues its log)."""
-        self.add(logging.FileHandler(path, encoding="utf-8"), logging.INFO, FILE_FORMAT)
+        self.add(_RunFile(path, encoding="utf-8"), logging.INFO, FILE_FORMAT)
 
 
 @contextlib.contextmanager
