@@ -1,7 +1,11 @@
 """Input pipelines: tfds (mocked, offline), image folders of real files, arrays, digits, few-shot, BiT batches."""
 
 import io
+import json
+import logging
 import os
+import re
+import shutil
 import struct
 import zlib
 
@@ -97,6 +101,15 @@ def test_from_tfds_mock_cifar10_counts_offline():
     assert d.train.element_spec[0].shape == (32, 32, 3) and d.train.element_spec[0].dtype == tf.uint8
     assert d.train.element_spec[1].dtype == tf.int64
     assert all(x.shape == (32, 32, 3) and 0 <= y < 10 for x, y in train)
+    version = str(tfds.builder("cifar10").info.version)
+    assert d.fingerprint == {
+        "kind": "tfds",
+        "name": "cifar10",
+        "version": version,
+        "train_split": "train",
+        "test_split": "test",
+        "num_train": 7,
+    }
 
 
 def test_from_tfds_uses_split_metadata(tmp_path):
@@ -166,14 +179,15 @@ def test_image_folder_gif_size_is_largest_frame(tmp_path):
     rng = np.random.default_rng(1)
     palette = rng.integers(0, 256, (256, 3), np.uint8)
     small, large = rng.integers(0, 256, (6, 9), np.uint8), rng.integers(0, 256, (7, 10), np.uint8)
-    _write(str(tmp_path / "c/x.gif"), _gif_bytes([small], (20, 30), palette))
-    _write(str(tmp_path / "c/y.gif"), _gif_bytes([small, large], (2, 2), palette))
-    _write_png(str(tmp_path / "d/z.png"), _random_image(rng, 6, 9))
-    d = sources.from_image_folder(str(tmp_path), test_fraction=0)
+    _write(str(tmp_path / "train/c/x.gif"), _gif_bytes([small], (20, 30), palette))
+    _write(str(tmp_path / "train/c/y.gif"), _gif_bytes([small, large], (2, 2), palette))
+    _write_png(str(tmp_path / "train/d/z.png"), _random_image(rng, 6, 9))
+    _write_png(str(tmp_path / "test/d/t.png"), _random_image(rng, 6, 9))
+    d = sources.from_image_folder(str(tmp_path))
     assert d.image_size is None
     assert sorted(x.shape for x, _ in _images(d.train)) == [(6, 9, 3), (6, 9, 3), (7, 10, 3)]
-    os.remove(tmp_path / "c/y.gif")
-    d = sources.from_image_folder(str(tmp_path), test_fraction=0)
+    os.remove(tmp_path / "train/c/y.gif")
+    d = sources.from_image_folder(str(tmp_path))
     assert d.image_size == (6, 9) and d.train.element_spec[0].shape == (6, 9, 3)
     assert [x.shape for x, _ in _images(d.train)] == [(6, 9, 3)] * 2
 
@@ -183,8 +197,9 @@ def test_image_folder_gif_size_ignores_frame_offsets(tmp_path):
     rng = np.random.default_rng(5)
     palette = rng.integers(0, 256, (256, 3), np.uint8)
     frames = [rng.integers(0, 256, (6, 9), np.uint8), rng.integers(0, 256, (5, 5), np.uint8)]
-    _write(str(tmp_path / "c/x.gif"), _gif_bytes(frames, (2, 2), palette, offsets=[(0, 0), (4, 4)]))
-    d = sources.from_image_folder(str(tmp_path), test_fraction=0)
+    _write(str(tmp_path / "train/c/x.gif"), _gif_bytes(frames, (2, 2), palette, offsets=[(0, 0), (4, 4)]))
+    _write_png(str(tmp_path / "test/c/t.png"), _random_image(rng, 6, 9))
+    d = sources.from_image_folder(str(tmp_path))
     assert d.image_size == (6, 9) and [x.shape for x, _ in _images(d.train)] == [(6, 9, 3)]
 
 
@@ -228,7 +243,8 @@ def test_image_folder_stratified_deterministic_split(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    _write_png(str(tmp_path / "full/0.png"), np.zeros((4, 4, 3), np.uint8))
+    for i in range(2):  # with a bad file, 3 images: one for test
+        _write_png(str(tmp_path / f"full/{i}.png"), np.zeros((4, 4, 3), np.uint8))
     os.makedirs(tmp_path / "empty")
     _write(str(tmp_path / "empty/readme.txt"), b"no images here")
     with pytest.raises(ValueError, match=f"class folder {tmp_path / 'empty'} contains no images"):
@@ -256,7 +272,7 @@ def test_image_folder_errors(tmp_path):
             sources.from_image_folder(str(tmp_path))
         os.remove(tmp_path / "full" / name)
     _write(str(tmp_path / "full/huge.png"), _png_header_only(20_000, 10_000))
-    with pytest.raises(ValueError, match=f"{tmp_path / 'full' / 'huge.png'}: Image size .* decompression bomb"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'full' / 'huge.png'}: 20000 x 10000 = 200000000 pixels is over"):
         sources.from_image_folder(str(tmp_path))
     os.remove(tmp_path / "full/huge.png")
     with pytest.raises(FileNotFoundError, match="missing"):
@@ -270,6 +286,131 @@ def test_image_folder_test_class_missing_from_train(tmp_path):
         sources.from_image_folder(str(tmp_path))
 
 
+def _class_folder(root, counts, size=4):
+    """`counts[name]` PNGs of `size` x `size` in root/name."""
+    for name, count in counts.items():
+        for i in range(count):
+            _write_png(os.path.join(root, name, f"{i}.png"), np.full((size, size, 3), i, np.uint8))
+    return str(root)
+
+
+def test_image_folder_empty_test_split_is_refused_at_load(tmp_path):
+    """One image per class, or test_fraction 0, leaves nothing to evaluate on: an error naming the folder and the
+    remedies, not a missing val_accuracy deep in training."""
+    one_each = _class_folder(tmp_path / "one", {"a": 1, "b": 1, "c": 1})
+    remedy = "add images, use train/ and test/ subfolders, or raise --test_fraction"
+    message = re.escape(f"{one_each}: test_fraction 0.2 of 3 images in 3 classes leaves no test images")
+    with pytest.raises(ValueError, match=message + r" \(each class keeps at least one for training\); " + remedy):
+        sources.load(image_folder=one_each)
+    five_each = _class_folder(tmp_path / "five", {"a": 5, "b": 5})
+    with pytest.raises(ValueError, match=re.escape(f"{five_each}: test_fraction 0 of 10 images in 2 classes")):
+        sources.load(image_folder=five_each, test_fraction=0)
+    d = sources.load(image_folder=five_each, test_fraction=0.4)
+    assert d.num_train == 6 and len(_images(d.test)) == 4
+    for bad in (1, 1.0, -0.1, float("nan"), float("inf"), "0.2", True, None):
+        with pytest.raises(ValueError, match=re.escape(f"test_fraction must be a number in [0, 1), got {bad!r}")):
+            sources.load(image_folder=five_each, test_fraction=bad)
+
+
+def test_image_folder_logs_how_it_split(tmp_path, caplog):
+    folder = _class_folder(tmp_path / "pets", {"cat": 10, "dog": 10, "emu": 10})
+    with caplog.at_level(logging.INFO, logger="bit_keras.data.sources"):
+        sources.from_image_folder(folder)
+        sources.from_image_folder(folder, test_fraction=0.15, seed=3)
+        _class_folder(tmp_path / "split/train", {"cat": 3, "dog": 2})
+        _class_folder(tmp_path / "split/test", {"cat": 1})
+        sources.from_image_folder(str(tmp_path / "split"))
+    assert caplog.messages == [
+        f"image folder {folder}: 3 classes, 24 training and 6 test images "
+        "(a stratified 20% per class held out for testing, seed 0)",
+        f"image folder {folder}: 3 classes, 24 training and 6 test images "
+        "(a stratified 15% per class held out for testing, seed 3)",
+        f"image folder {tmp_path / 'split'}: 2 classes, 5 training and 1 test images (its train/ and test/ subfolders)",
+    ]
+
+
+def test_image_folder_names_must_be_utf8(tmp_path):
+    """TensorFlow takes file names as UTF-8 strings: a file or class folder named otherwise fails at load."""
+    folder = _class_folder(tmp_path / "data", {"a": 3, "b": 3})
+    bad = os.fsencode(folder) + b"/a/bad\xff.png"
+    fd = os.open(bad, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy())
+    os.close(fd)
+    with pytest.raises(ValueError, match=re.escape(f"{bad!r}: the name is not valid UTF-8; rename it")):
+        sources.from_image_folder(folder)
+    os.rename(bad, os.path.join(folder, "a", "good.png"))
+    os.rename(os.path.join(folder, "b"), os.fsencode(folder) + b"/b\xfe")
+    with pytest.raises(ValueError, match=re.escape(f"{os.fsencode(folder) + b'/b' + bytes([0xFE])!r}: the name is")):
+        sources.from_image_folder(folder)
+
+
+def test_image_folder_refuses_links_back_to_itself(tmp_path):
+    """A link to the folder or above it would be one more class holding every image (os.walk follows the link it
+    starts from); a linked class folder from elsewhere is fine."""
+    folder = _class_folder(tmp_path / "data", {"a": 3, "b": 3})
+    for target in (".", "..", str(tmp_path)):
+        os.symlink(target, os.path.join(folder, "loop"))
+        real = os.path.realpath(os.path.join(folder, target))
+        with pytest.raises(ValueError, match=re.escape(f"{folder}/loop: a link to {real}, which holds the image")):
+            sources.from_image_folder(folder)
+        os.remove(os.path.join(folder, "loop"))
+    os.symlink("..", os.path.join(folder, "a", "up"))  # links inside a class folder are not followed
+    os.symlink(_class_folder(tmp_path / "elsewhere", {"c": 3}) + "/c", os.path.join(folder, "c"))
+    d = sources.from_image_folder(folder)
+    assert d.class_names == ["a", "b", "c"] and len(d.files) == 9
+    split = tmp_path / "split"
+    _class_folder(split / "train", {"a": 2})
+    _class_folder(split / "test", {"a": 1})
+    os.symlink("..", split / "test" / "loop")
+    with pytest.raises(ValueError, match=re.escape(f"{split / 'test' / 'loop'}: a link to {split}, which holds")):
+        sources.from_image_folder(str(split))
+
+
+def test_image_folder_warns_of_images_beside_the_class_folders(tmp_path, caplog):
+    folder = _class_folder(tmp_path / "data", {"a": 3, "b": 3})
+    for name in ("z.png", "y.JPG", "notes.txt", ".hidden.png"):
+        _write(os.path.join(folder, name), b"")
+    split = tmp_path / "split"
+    _class_folder(split / "train", {"a": 2})
+    _class_folder(split / "test", {"a": 1})
+    for path in (split / "loose.png", split / "test" / "loose.gif"):
+        _write(str(path), b"")
+    with caplog.at_level(logging.WARNING, logger="bit_keras.data.sources"):
+        sources.from_image_folder(folder)
+        sources.from_image_folder(str(split))
+    assert caplog.messages == [
+        f"{folder}: 2 image files are not in a class subfolder and are not used (the first: y.JPG)",
+        f"{split}: 1 image file is not in a class subfolder and is not used (loose.png)",
+        f"{split / 'test'}: 1 image file is not in a class subfolder and is not used (loose.gif)",
+    ]
+
+
+def test_image_folder_fingerprint(tmp_path):
+    """A digest of every used file's path, split, size and time: the same for the same files (wherever the folder
+    is), different when an image is touched, rewritten, added, or the split changes."""
+    folder = _class_folder(tmp_path / "data", {"a": 5, "b": 5})
+    _write(os.path.join(folder, "a", "notes.txt"), b"not used")
+    first = sources.from_image_folder(folder).fingerprint
+    assert set(first) == {"kind", "train", "test", "sha256"} and json.loads(json.dumps(first)) == first
+    assert (first["kind"], first["train"], first["test"]) == ("image_folder", 8, 2)
+    assert sources.load(image_folder=folder).fingerprint == first
+    assert sources.from_image_folder(shutil.copytree(folder, tmp_path / "copy")).fingerprint == first
+    _write(os.path.join(folder, "a", "notes.txt"), b"still not used, and changed")
+    assert sources.from_image_folder(folder).fingerprint == first
+    assert sources.from_image_folder(folder, seed=1).fingerprint != first
+    image = os.path.join(folder, "b", "3.png")
+    stat = os.stat(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert sources.from_image_folder(folder).fingerprint != first
+    _write_png(image, np.full((4, 4, 3), 3, np.uint8))  # the same bytes again, written later
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2))
+    touched = sources.from_image_folder(folder).fingerprint
+    assert touched != first
+    _write_png(os.path.join(folder, "b", "5.png"), np.zeros((4, 4, 3), np.uint8))
+    added = sources.from_image_folder(folder).fingerprint
+    assert added["train"] + added["test"] == 11 and added != touched
+
+
 # --- arrays and digits ----------------------------------------------------------------------------
 
 
@@ -280,6 +421,20 @@ def test_from_arrays_grayscale_float_to_uint8_rgb():
     (image, label), _ = _images(d.train)
     assert image.shape == (5, 4, 3) and image.dtype == np.uint8 and label == 0
     np.testing.assert_array_equal(image, np.repeat(np.round(x[0] * 255).astype(np.uint8)[..., None], 3, -1))
+
+
+def test_from_arrays_fingerprint():
+    x, y = np.zeros((4, 3, 2, 3), np.uint8), np.array([0, 1, 0, 1])
+    first = sources.from_arrays(x, y, x[:2], y[:2]).fingerprint
+    shapes = {"kind": "arrays", "train": [4, 3, 2, 3], "test": [2, 3, 2, 3]}
+    assert {k: v for k, v in first.items() if k != "sha256"} == shapes
+    assert json.loads(json.dumps(first)) == first and sources.from_arrays(x, y, x[:2], y[:2]).fingerprint == first
+    changed = x.copy()
+    changed[3, 2, 1, 0] = 1
+    assert sources.from_arrays(changed, y, x[:2], y[:2]).fingerprint != first
+    assert sources.from_arrays(x, y, changed[2:], y[:2]).fingerprint != first
+    assert sources.from_arrays(x, y[::-1], x[:2], y[:2]).fingerprint != first
+    assert sources.few_shot(_labelled_arrays([3, 3]), 2).fingerprint == _labelled_arrays([3, 3]).fingerprint
 
 
 def test_from_arrays_errors():
@@ -303,6 +458,7 @@ def test_embedded_digits():
     assert x.shape[1:] == (32, 32, 3) and x.dtype == np.uint8 and x.max() == 255
     np.testing.assert_array_equal(x[:, ::4, ::4], x[:, 3::4, 3::4])  # nearest 4x upscale
     assert [y for _, y in test] == [y for _, y in _images(sources.embedded_digits().test)]
+    assert d.fingerprint["kind"] == "arrays" and d.fingerprint == sources.embedded_digits().fingerprint
 
 
 def test_embedded_mnist_is_a_different_source_than_the_digits():

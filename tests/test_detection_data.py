@@ -59,8 +59,11 @@ def test_digit_canvases_sizes_classes_and_boxes(canvases):
 
 
 def test_digit_canvases_deterministic(canvases):
-    _, train, test = canvases
+    d, train, test = canvases
     again = data.embedded_digit_canvases()
+    counts = {"kind": "digit_canvases", "train": 1000, "test": 250}
+    assert {k: v for k, v in d.fingerprint.items() if k != "sha256"} == counts
+    assert again.fingerprint == d.fingerprint and json.loads(json.dumps(d.fingerprint)) == d.fingerprint
     for first, second in ((train, _examples(again.train)), (test, _examples(again.test))):
         for a, b in zip(first, second, strict=True):
             for key in a:
@@ -189,6 +192,29 @@ def test_coco_folder_train_val_jsons(tmp_path):
         np.testing.assert_array_equal(e["image"], expected)
     np.testing.assert_array_equal(test[0]["boxes"], [[0, 0, 0.5, 0.5]])
     assert d.train.element_spec["image"].shape == (12, 16, 3)
+
+
+def test_coco_folder_fingerprint(tmp_path):
+    """The annotation files' digests and the image files' as for image folders: equal for the same folder,
+    different once an image or the JSON changes."""
+    _default_folder(tmp_path)
+    first = data.from_coco_folder(str(tmp_path)).fingerprint
+    json_digest = first["annotations"]["instances_default.json"]
+    assert list(first["annotations"]) == ["instances_default.json"] and len(json_digest) == 64
+    assert (first["kind"], first["train"], first["test"], len(first["sha256"])) == ("coco_folder", 4, 1, 64)
+    assert json.loads(json.dumps(first)) == first and data.load(coco_folder=str(tmp_path)).fingerprint == first
+    assert data.from_coco_folder(str(tmp_path), seed=1).fingerprint != first
+    image = tmp_path / "images" / "8.png"
+    stat = os.stat(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    touched = data.from_coco_folder(str(tmp_path)).fingerprint
+    assert touched["sha256"] != first["sha256"] and touched["annotations"] == first["annotations"]
+    path = tmp_path / "annotations" / "instances_default.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["bbox"] = [4, 6, 10, 11]
+    _write_json(str(path), coco)
+    relabelled = data.from_coco_folder(str(tmp_path)).fingerprint
+    assert relabelled["annotations"] != touched["annotations"] and relabelled["sha256"] == touched["sha256"]
 
 
 def _broken(root, change):
@@ -325,6 +351,15 @@ def test_from_tfds_drops_crowd_difficult_and_empty_boxes(name, default_splits):
     with mock:
         d = data.load(name)
         train, test = _examples(d.train), _examples(d.test)
+        version = str(tfds.builder(name).info.version)
+    assert d.fingerprint == {
+        "kind": "tfds",
+        "name": name,
+        "version": version,
+        "train_split": default_splits[0],
+        "test_split": default_splits[1],
+        "num_train": 6,
+    }
     flag = "is_crowd" if name == "coco/2017" else "is_difficult"
     assert set(requested) == set(default_splits)
     assert (d.num_train, d.size_source, d.image_size, d.name, len(train), len(test)) == (6, "counted", None, name, 6, 6)

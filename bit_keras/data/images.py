@@ -1,18 +1,25 @@
-"""Image files: the header check that names an unreadable file before a run starts, and decoding datasets."""
+"""Image files: the header check that names an unreadable or oversized file before a run starts, and decoding
+datasets."""
 
+import contextlib
 import struct
+import threading
 
 import tensorflow as tf
 from PIL import Image
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+MAX_PIXELS = 100_000_000  # the default limit on an image's pixels: a 1 MB PNG can decode to gigabytes
 _FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # those of IMAGE_EXTENSIONS: Pillow alone would also open WebP, TIFF, ...
+_DECODABLE = (*_FORMATS, "WEBP")  # what tf.io.decode_image also reads
+_PILLOW_LIMIT = threading.Lock()
 
 
-def files_dataset(files, labels):
-    """A decoding dataset over image files (headers checked first) and their common (height, width), or None."""
-    sizes = {image_size(f) for f in files}
+def files_dataset(files, labels, max_pixels=MAX_PIXELS):
+    """A decoding dataset over image files (headers checked first, `max_pixels` included) and their common
+    (height, width), or None."""
+    sizes = {image_size(f, max_pixels) for f in files}
     size = sizes.pop() if len(sizes) == 1 else None
     shape = (*size, 3) if size else (None, None, 3)
 
@@ -35,24 +42,66 @@ def undecodable(files):
     return [f for f in files if f not in good]
 
 
-def image_size(path):
+def image_size(path, max_pixels=MAX_PIXELS):
     """`(height, width)` that TensorFlow will decode `path` to, from its header as Pillow reads it (GIF and BMP by
-    TensorFlow's own rules); ValueError naming `path` if that is no JPEG, PNG, GIF or BMP header TensorFlow takes."""
-    with open(path, "rb") as f:
-        try:
-            with Image.open(f, formats=_FORMATS) as image:  # given a file object, Pillow leaves it open for below
-                kind, size = image.format, image.size[::-1]
-        except Image.DecompressionBombError as e:  # Pillow's own pixel limit, not a bad header: say so
-            raise ValueError(f"{path}: {e}") from None
-        except (OSError, ValueError):  # not one of _FORMATS, or a broken header
-            kind = size = None
-        if kind == "GIF":
-            size = _gif_size(f)
-        elif kind == "BMP":
-            size = _bmp_size(f)
+    TensorFlow's own rules); ValueError naming `path` if that is no JPEG, PNG, GIF or BMP header TensorFlow takes,
+    or if it is over `max_pixels` pixels."""
+    check_max_pixels(max_pixels)
+    size = _header_size(path, _FORMATS)
     if not size or 0 in size:
         raise ValueError(f"{path}: not a readable JPEG, PNG, GIF or BMP image (checked by its header)")
+    _check_pixels(path, size, max_pixels)
     return size
+
+
+def check_pixel_limit(path, max_pixels=MAX_PIXELS):
+    """A ValueError naming `path` if its header (any format `tf.io.decode_image` reads) says it is over
+    `max_pixels` pixels; a header that does not read passes, for the decoding to name the problem."""
+    check_max_pixels(max_pixels)
+    if size := _header_size(path, _DECODABLE):
+        _check_pixels(path, size, max_pixels)
+
+
+def check_max_pixels(max_pixels):
+    """A one-line error unless `max_pixels` is a positive integer."""
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+
+
+def _check_pixels(path, size, max_pixels):
+    height, width = size
+    if height * width > max_pixels:
+        raise ValueError(
+            f"{path}: {width} x {height} = {width * height} pixels is over the limit of {max_pixels} "
+            "(raise it with --max_pixels)"
+        )
+
+
+def _header_size(path, formats):
+    """`(height, width)` of `path` as TensorFlow decodes it, from its header in one of `formats`; None if unreadable."""
+    with open(path, "rb") as f, _no_pillow_limit():
+        try:
+            with Image.open(f, formats=formats) as image:  # given a file object, Pillow leaves it open for below
+                kind, size = image.format, image.size[::-1]
+        except (OSError, ValueError):  # not one of `formats`, or a broken header
+            return None
+        if kind == "GIF":
+            return _gif_size(f)
+        if kind == "BMP":
+            return _bmp_size(f)
+    return size
+
+
+@contextlib.contextmanager
+def _no_pillow_limit():
+    """Pillow's own pixel limit lifted (a warning above 89 megapixels, an error above twice that, on the header's
+    size, a GIF's screen): `max_pixels`, on the size TensorFlow decodes to, replaces it."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _bmp_size(f):

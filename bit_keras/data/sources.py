@@ -5,6 +5,8 @@ not preprocessed (`bit_keras.data.pipeline` batches them).
 """
 
 import dataclasses
+import hashlib
+import logging
 import os
 
 import numpy as np
@@ -13,6 +15,7 @@ import tensorflow as tf
 from bit_keras.data import images as images_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -27,6 +30,7 @@ class Data:
     image_size: tuple | None  # (height, width) shared by the images, for the HyperRule resolution; None if unknown
     name: str
     files: tuple = ()  # the image files behind the splits, for image folders (to name one that fails to decode)
+    fingerprint: dict | None = None  # a small JSON dict naming the data (a digest of its files or arrays), for resumes
 
     @property
     def num_classes(self) -> int:
@@ -42,8 +46,18 @@ class Data:
         return ValueError(f"{bad[0]}: the image does not decode{more}; fix or remove it, then rerun")
 
 
-def load(dataset=None, image_folder=None, data_dir=None, manual_dir=None, train_split="train", test_split="test"):
-    """A dataset by name (a `BUNDLED` one, else tfds), or an image folder, or (neither given) the embedded digits."""
+def load(
+    dataset=None,
+    image_folder=None,
+    data_dir=None,
+    manual_dir=None,
+    train_split="train",
+    test_split="test",
+    test_fraction=0.2,
+    max_pixels=images_lib.MAX_PIXELS,
+):
+    """A dataset by name (a `BUNDLED` one, else tfds), or an image folder (`from_image_folder` with `test_fraction`
+    and `max_pixels`), or (neither given) the embedded digits."""
     if dataset is not None and image_folder is not None:
         raise ValueError("give either a tfds dataset or an image folder, not both")
     if dataset in BUNDLED:
@@ -51,7 +65,7 @@ def load(dataset=None, image_folder=None, data_dir=None, manual_dir=None, train_
     if dataset is not None:
         return from_tfds(dataset, train_split, test_split, data_dir=data_dir, manual_dir=manual_dir)
     if image_folder is not None:
-        return from_image_folder(image_folder)
+        return from_image_folder(image_folder, test_fraction, max_pixels=max_pixels)
     return embedded_digits()
 
 
@@ -95,26 +109,36 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
 
     train = load(train_split).apply(tf.data.experimental.assert_cardinality(num_train))
     image_size = shape[:2] if None not in shape[:2] else None
-    return Data(train, load(test_split), list(class_names), num_train, size_source, image_size, name)
+    fingerprint = tfds_fingerprint(name, builder, train_split, test_split, num_train)
+    return Data(
+        train, load(test_split), list(class_names), num_train, size_source, image_size, name, fingerprint=fingerprint
+    )
 
 
-def from_image_folder(path, test_fraction=0.2, seed=0):
+def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX_PIXELS):
     """Images in one subfolder per class (searched recursively; class names are the sorted folder names).
 
     If `path/train` and `path/test` both exist they are the splits; otherwise each class is split
     into train and test with `seed` (`round(n * test_fraction)` of its n images go to test, at least
-    one stays in train). JPEG, PNG, GIF (first frame) and BMP files are used, by extension
-    (case-insensitive); other files are ignored. Every file's header is read at load time (cheap,
-    no decoding): one that is not a valid JPEG/PNG/GIF/BMP header is a ValueError naming the file,
-    and the image sizes give `image_size` when all training images share one. A file whose header is
-    valid but whose body is corrupt fails later, in the pipeline, with TensorFlow's decode error
-    (`Data.decode_error` then names it).
+    one stays in train); a split leaving no test image is an error. JPEG, PNG, GIF (first frame) and
+    BMP files are used, by extension (case-insensitive); other files are ignored, and images beside the
+    class folders are ignored with a warning. Every file's header is read at load time (cheap, no
+    decoding): one that is not a valid JPEG/PNG/GIF/BMP header, or that is over `max_pixels` pixels,
+    is a ValueError naming the file, as is a file or class folder name that is not UTF-8 and a class
+    folder that links back to the folder. The image sizes give `image_size` when all training images
+    share one. A file whose header is valid but whose body is corrupt fails later, in the pipeline,
+    with TensorFlow's decode error (`Data.decode_error` then names it).
     The training files are in a fixed random order (by `seed`); the test files in folder order.
     """
+    number = isinstance(test_fraction, int | float) and not isinstance(test_fraction, bool)
+    if not (number and 0 <= test_fraction < 1):
+        raise ValueError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}")
+    images_lib.check_max_pixels(max_pixels)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {path!r} does not exist")
     train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        _warn_loose_images(path)
         train_classes, test_classes = _scan(train_dir), _scan(test_dir)
         class_names = sorted(train_classes)
         unknown = sorted(set(test_classes) - set(train_classes))
@@ -124,20 +148,36 @@ def from_image_folder(path, test_fraction=0.2, seed=0):
         test_files, test_labels = _flatten(test_classes, class_names)
         order = np.random.default_rng(seed).permutation(len(train_files))
         train_files, train_labels = [train_files[i] for i in order], train_labels[order]
+        how = "its train/ and test/ subfolders"
     else:
-        if not 0 <= test_fraction < 1:
-            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
         classes = _scan(path)
         class_names = sorted(classes)
         files, labels = _flatten(classes, class_names)
         train_idx, test_idx = _stratified_split(labels, test_fraction, seed)
         train_files, train_labels = [files[i] for i in train_idx], labels[train_idx]
         test_files, test_labels = [files[i] for i in test_idx], labels[test_idx]
-    train, image_size = images_lib.files_dataset(train_files, train_labels)
-    test, _ = images_lib.files_dataset(test_files, test_labels)
+        if not test_files:
+            raise ValueError(
+                f"{path}: test_fraction {test_fraction} of {len(files)} images in {len(classes)} classes leaves no "
+                "test images (each class keeps at least one for training); add images, use train/ and test/ "
+                "subfolders, or raise --test_fraction"
+            )
+        how = f"a stratified {test_fraction * 100:g}% per class held out for testing, seed {seed}"
+    train, image_size = images_lib.files_dataset(train_files, train_labels, max_pixels)
+    test, _ = images_lib.files_dataset(test_files, test_labels, max_pixels)
     name = os.path.basename(os.path.normpath(path))
     files = tuple(train_files) + tuple(test_files)
-    return Data(train, test, class_names, len(train_files), "counted", image_size, name, files)
+    log.info(
+        f"image folder {path}: {len(class_names)} classes, {len(train_files)} training and {len(test_files)} test "
+        f"images ({how})"
+    )
+    fingerprint = {
+        "kind": "image_folder",
+        "train": len(train_files),
+        "test": len(test_files),
+        "sha256": files_digest(path, train=train_files, test=test_files),
+    }
+    return Data(train, test, class_names, len(train_files), "counted", image_size, name, files, fingerprint)
 
 
 def from_arrays(x_train, y_train, x_test, y_test, class_names=None, name="arrays"):
@@ -155,7 +195,14 @@ def from_arrays(x_train, y_train, x_test, y_test, class_names=None, name="arrays
         if bad.size:
             raise ValueError(f"{what}: label {bad[0]} is outside [0, {len(class_names)}) (the number of classes)")
     train, test = _array_dataset(x_train, y_train), _array_dataset(x_test, y_test)
-    return Data(train, test, list(class_names), len(x_train), "arrays", x_train.shape[1:3], name)
+    fingerprint = {
+        "kind": "arrays",
+        "train": list(x_train.shape),
+        "test": list(x_test.shape),
+        "sha256": arrays_digest(x_train, y_train, x_test, y_test),
+    }
+    image_size = x_train.shape[1:3]
+    return Data(train, test, list(class_names), len(x_train), "arrays", image_size, name, fingerprint=fingerprint)
 
 
 def embedded_digits(upscale=4):
@@ -236,23 +283,87 @@ def _stratified_split(labels, test_fraction, seed):
     return rng.permutation(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def tfds_fingerprint(name, builder, train_split, test_split, num_train):
+    """The fingerprint of a tfds dataset: its name, version, splits and training size (not where it is stored)."""
+    return {
+        "kind": "tfds",
+        "name": name,
+        "version": str(builder.info.version),
+        "train_split": str(train_split),
+        "test_split": str(test_split),
+        "num_train": int(num_train),
+    }
+
+
+def files_digest(root, **splits):
+    """SHA-256 (hex) of the sorted (split, path relative to `root`, size, mtime_ns) of the files of each split: it
+    changes when a file is added, removed, renamed, moved to the other split, or written; nothing is decoded."""
+    records = sorted(
+        (split, os.path.relpath(file, root), os.stat(file)) for split, files in splits.items() for file in files
+    )
+    digest = hashlib.sha256()
+    for split, file, stat in records:
+        digest.update(f"{split}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def arrays_digest(*arrays):
+    """SHA-256 (hex) of the arrays' dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
 def _scan(root):
-    """`{class folder name: its image files, sorted}`; no class folder, or one without images, is an error."""
+    """`{class folder name: its image files, sorted}`. No class folder, one without images, a class folder that
+    links to `root` or above it, and a class folder or image file name that is not UTF-8 are errors; images beside
+    the class folders are not used, with a warning. Links to folders inside a class folder are not followed."""
     names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not names:
         raise ValueError(f"{root}: no class subfolders")
+    _warn_loose_images(root)
+    real_root = os.path.realpath(root)
     classes = {}
     for name in names:
         folder = os.path.join(root, name)
+        _check_utf8(folder)
+        target = os.path.realpath(folder)
+        if os.path.islink(folder) and os.path.commonpath([target, real_root]) == target:
+            raise ValueError(f"{folder}: a link to {target}, which holds the image folder itself (a loop); remove it")
         classes[name] = sorted(
-            os.path.join(parent, f)
-            for parent, _, files in os.walk(folder)
-            for f in files
-            if f.lower().endswith(images_lib.IMAGE_EXTENSIONS) and not f.startswith(".")
+            os.path.join(parent, f) for parent, _, files in os.walk(folder) for f in files if _is_image(f)
         )
         if not classes[name]:
             raise ValueError(f"class folder {folder} contains no images ({', '.join(images_lib.IMAGE_EXTENSIONS)})")
+        for file in classes[name]:
+            _check_utf8(file)
     return classes
+
+
+def _is_image(file_name):
+    return file_name.lower().endswith(images_lib.IMAGE_EXTENSIONS) and not file_name.startswith(".")
+
+
+def _check_utf8(path):
+    """A one-line error naming `path` unless its name is UTF-8 (TensorFlow reads file names as UTF-8)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{os.fsencode(path)!r}: the name is not valid UTF-8; rename it") from None
+
+
+def _warn_loose_images(root):
+    """A warning naming the images directly in `root`, where nothing reads them."""
+    loose = sorted(e.name for e in os.scandir(root) if not e.is_dir() and _is_image(e.name))
+    if len(loose) == 1:
+        log.warning(f"{root}: 1 image file is not in a class subfolder and is not used ({loose[0]})")
+    elif loose:
+        log.warning(
+            f"{root}: {len(loose)} image files are not in a class subfolder and are not used (the first: {loose[0]})"
+        )
 
 
 def _flatten(classes, class_names):

@@ -6,6 +6,7 @@ decoded but not preprocessed. N may be 0 (an image that is all background); imag
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,8 +41,11 @@ class DetectionData(sources.Data):
     category_ids: list[int] | None = None  # COCO folders: the category id of each class, to write results back
 
 
-def load(dataset=None, coco_folder=None, data_dir=None, train_split=None, test_split=None):
-    """A dataset by name (a `BUNDLED` one, else tfds), or a COCO folder, or (neither given) the digit canvases."""
+def load(
+    dataset=None, coco_folder=None, data_dir=None, train_split=None, test_split=None, max_pixels=images_lib.MAX_PIXELS
+):
+    """A dataset by name (a `BUNDLED` one, else tfds), or a COCO folder (with `max_pixels`), or (neither given) the
+    digit canvases."""
     if dataset is not None and coco_folder is not None:
         raise ValueError("give either a detection dataset or a COCO folder, not both")
     if dataset in BUNDLED:
@@ -49,7 +53,7 @@ def load(dataset=None, coco_folder=None, data_dir=None, train_split=None, test_s
     if dataset is not None:
         return from_tfds(dataset, train_split, test_split, data_dir=data_dir)
     if coco_folder is not None:
-        return from_coco_folder(coco_folder)
+        return from_coco_folder(coco_folder, max_pixels=max_pixels)
     return embedded_digit_canvases()
 
 
@@ -72,17 +76,26 @@ def embedded_digit_canvases():
         images.append(image)
         split_boxes.append(boxes / CANVAS)
         classes.append(digits.target[digit_ids])
-    train, test = (_examples(np.stack(images), *labels, tf.identity) for images, *labels in splits.values())
+    arrays = [(np.stack(images), boxes, classes) for images, boxes, classes in splits.values()]
+    train, test = (_examples(images, boxes, classes, tf.identity) for images, boxes, classes in arrays)
+    contents = [
+        a
+        for images, boxes, classes in arrays
+        for a in (images, np.concatenate(boxes), np.concatenate(classes), [len(c) for c in classes])
+    ]
+    fingerprint = {"kind": "digit_canvases", **_CANVAS_SPLITS, "sha256": sources.arrays_digest(*contents)}
     class_names = [str(c) for c in range(10)]
     num_train = _CANVAS_SPLITS["train"]
-    return DetectionData(train, test, class_names, num_train, "generated", (CANVAS, CANVAS), "digit-canvases")
+    return DetectionData(
+        train, test, class_names, num_train, "generated", (CANVAS, CANVAS), "digit-canvases", fingerprint=fingerprint
+    )
 
 
 # Detection datasets generated offline, loadable by name (they take precedence over tfds names).
 BUNDLED = {"digit-canvases": embedded_digit_canvases}
 
 
-def from_coco_folder(folder, seed=0):
+def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
     """A local COCO-format folder, as COCO 2017 and labeling tools (CVAT, Label Studio) export it.
 
     The instances JSON is in `folder/annotations/`: `instances_train*.json` and `instances_val*.json` are the
@@ -92,9 +105,10 @@ def from_coco_folder(folder, seed=0):
     Crowd annotations (iscrowd=1) are skipped; images without annotations are kept, with no boxes. Boxes reaching
     outside their image are clipped to it and counted in `clipped`. Everything else that is wrong (invalid JSON,
     an unknown image or category, a box of no width or height or wholly outside its image, a missing file, an
-    image header that is unreadable or disagrees with the JSON's width and height) is an error naming the item,
-    raised here, before any training.
+    image header that is unreadable, over `max_pixels` pixels or disagrees with the JSON's width and height) is an
+    error naming the item, raised here, before any training.
     """
+    images_lib.check_max_pixels(max_pixels)
     annotations = os.path.join(folder, "annotations")
     if not os.path.isdir(annotations):
         raise FileNotFoundError(f"{annotations}: no such folder (a COCO folder has its instances JSON there)")
@@ -102,13 +116,15 @@ def from_coco_folder(folder, seed=0):
     train_jsons = [f for f in jsons if f.startswith("instances_train")]
     val_jsons = [f for f in jsons if f.startswith("instances_val")]
     if len(train_jsons) == 1 and len(val_jsons) == 1:
-        categories, train, clipped = _read_coco(folder, train_jsons[0])
-        val_categories, test, val_clipped = _read_coco(folder, val_jsons[0])
+        categories, train, clipped, train_digest = _read_coco(folder, train_jsons[0], max_pixels)
+        val_categories, test, val_clipped, val_digest = _read_coco(folder, val_jsons[0], max_pixels)
         if val_categories != categories:
             raise ValueError(f"{os.path.join(annotations, val_jsons[0])}: categories differ from {train_jsons[0]}'s")
         clipped += val_clipped
+        digests = {train_jsons[0]: train_digest, val_jsons[0]: val_digest}
     elif len(jsons) == 1:
-        categories, records, clipped = _read_coco(folder, jsons[0])
+        categories, records, clipped, digest = _read_coco(folder, jsons[0], max_pixels)
+        digests = {jsons[0]: digest}
         if len(records) < 2:
             raise ValueError(f"{os.path.join(annotations, jsons[0])}: {len(records)} images, too few to split")
         order = np.random.default_rng(seed).permutation(len(records))
@@ -129,7 +145,26 @@ def from_coco_folder(folder, seed=0):
     name = os.path.basename(os.path.normpath(folder))
     data = [_coco_examples(records) for records in (train, test)]
     class_names = [categories[c] for c in category_ids]
-    return DetectionData(*data, class_names, len(train), "counted", image_size, name, files, clipped, category_ids)
+    split_files = {split: [file for file, *_ in records] for split, records in (("train", train), ("test", test))}
+    fingerprint = {
+        "kind": "coco_folder",
+        "annotations": digests,
+        "train": len(train),
+        "test": len(test),
+        "sha256": sources.files_digest(folder, **split_files),
+    }
+    return DetectionData(
+        *data,
+        class_names,
+        len(train),
+        "counted",
+        image_size,
+        name,
+        files,
+        fingerprint=fingerprint,
+        clipped=clipped,
+        category_ids=category_ids,
+    )
 
 
 def from_tfds(name, train_split=None, test_split=None, data_dir=None):
@@ -172,7 +207,10 @@ def from_tfds(name, train_split=None, test_split=None, data_dir=None):
         return builder.as_dataset(split=split).enumerate().map(example, num_parallel_calls=AUTOTUNE)
 
     train = load(train_split).apply(tf.data.experimental.assert_cardinality(num_train))
-    return DetectionData(train, load(test_split), class_names, num_train, size_source, None, name)
+    fingerprint = sources.tfds_fingerprint(name, builder, train_split, test_split, num_train)
+    return DetectionData(
+        train, load(test_split), class_names, num_train, size_source, None, name, fingerprint=fingerprint
+    )
 
 
 def _canvases(digit_images, seed=0):
@@ -232,13 +270,15 @@ def _background(rng):
     return background.clip(0, 140)
 
 
-def _read_coco(folder, json_name):
-    """`({category id: name}, images, clipped)` of a COCO instances JSON in `folder/annotations`: images are
-    `(file, (height, width), image id, boxes, classes)` in JSON order, boxes normalized, classes contiguous."""
+def _read_coco(folder, json_name, max_pixels):
+    """`({category id: name}, images, clipped, SHA-256 of the file)` of a COCO instances JSON in `folder/annotations`:
+    images are `(file, (height, width), image id, boxes, classes)` in JSON order, boxes normalized, classes
+    contiguous."""
     path = os.path.join(folder, "annotations", json_name)
+    with open(path, "rb") as f:
+        content = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            coco = json.load(f)
+        coco = json.loads(content.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "categories")):
@@ -260,7 +300,7 @@ def _read_coco(folder, json_name):
         file = next((f for f in (os.path.join(d, file_name) for d in dirs) if os.path.isfile(f)), None)
         if file is None:
             raise FileNotFoundError(f"{path}: image {image_id}: {file_name} is in none of {', '.join(dirs)}")
-        if (actual := images_lib.image_size(file)) != size:
+        if (actual := images_lib.image_size(file, max_pixels)) != size:
             height, width = actual
             raise ValueError(f"{file}: {width}x{height} pixels, but {json_name} says {size[1]}x{size[0]}")
         images[image_id] = (file, size, image_id, [], [])
@@ -291,7 +331,7 @@ def _read_coco(folder, json_name):
         clipped += corners != (y, x, y + h, x + w)
         boxes.append(np.array(corners) / [height, width, height, width])
         classes.append(index[category])
-    return categories, list(images.values()), clipped
+    return categories, list(images.values()), clipped, hashlib.sha256(content).hexdigest()
 
 
 def _field(entry, key, where):

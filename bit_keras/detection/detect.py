@@ -5,6 +5,7 @@ import os
 import keras
 import tensorflow as tf
 
+from bit_keras.data import images as images_lib
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.detection import drawing
 from bit_keras.detection.retinanet import RetinaNet
@@ -12,7 +13,13 @@ from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
 from bit_keras.serving.predict import read_image
 
 
-def detect(model: str, images: list[str], score_threshold: float = drawing.SHOWN_SCORE, out: str | None = None):
+def detect(
+    model: str,
+    images: list[str],
+    score_threshold: float = drawing.SHOWN_SCORE,
+    out: str | None = None,
+    max_pixels: int = images_lib.MAX_PIXELS,
+):
     """`[{"image": path, "detections": [{"class", "label", "score", "box"}, ...], "picture": png}, ...]`, best
     first; `box` is (ymin, xmin, ymax, xmax) normalized to the image.
 
@@ -20,12 +27,13 @@ def detect(model: str, images: list[str], score_threshold: float = drawing.SHOWN
     a finished `bit-keras finetune-detector` run folder or its `model.keras` (class names from `class_names.txt`
     beside it), preprocessed the same way. Detections scoring at least `score_threshold` are kept. With `out`,
     each image is written there with its boxes and labels drawn, as `out/NAME.png` ("picture" in the result).
-    Unreadable image files are a ValueError naming the file, before anything is written.
+    Unreadable image files, and those over `max_pixels` pixels, are a ValueError naming the file, before anything
+    is written.
     """
     number = isinstance(score_threshold, int | float) and not isinstance(score_threshold, bool)
     if not (number and 0 <= score_threshold <= 1):
         raise ValueError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
-    encoded = [read_image(path) for path in images]
+    encoded = [read_image(path, max_pixels) for path in images]
     found = _detector(model)(encoded)
     results = []
     for i, path in enumerate(images):

@@ -6,6 +6,7 @@ import re
 import tensorflow as tf
 
 from bit_keras.checks import check_int
+from bit_keras.data import images as images_lib
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.models.resolve import resolve_model
 
@@ -17,6 +18,7 @@ def predict(
     labels: str | None = None,
     image_size: int | None = None,
     cache_dir: str | None = None,
+    max_pixels: int = images_lib.MAX_PIXELS,
 ) -> list[dict]:
     """`[{"image": path, "predictions": [{"class", "label", "probability"}, ...]}, ...]`, best first.
 
@@ -24,11 +26,11 @@ def predict(
     resizing and label lookup, and returns at most the top-k it was exported with), or what
     `bit_keras.models.resolve.resolve_model` accepts (a `.keras` file, a run folder, a zoo checkpoint name, ...),
     preprocessed the same way: decoded to RGB, resized to `image_size` without keeping the aspect ratio.
-    Unreadable image files are a ValueError naming the file.
+    Unreadable image files, and those over `max_pixels` pixels, are a ValueError naming the file.
     """
     check_int("top_k", top_k)
     check_int("image_size", image_size)
-    encoded = [read_image(path) for path in images]
+    encoded = [read_image(path, max_pixels) for path in images]
     if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
         if labels or image_size:
             raise ValueError(
@@ -64,8 +66,9 @@ def predict(
     ]
 
 
-def read_image(path: str) -> bytes:
-    """The file's bytes, checked to decode as an image."""
+def read_image(path: str, max_pixels: int = images_lib.MAX_PIXELS) -> bytes:
+    """The file's bytes, checked to be at most `max_pixels` pixels by its header, then to decode as an image."""
+    images_lib.check_pixel_limit(path, max_pixels)
     try:
         with open(path, "rb") as f:
             data = f.read()
