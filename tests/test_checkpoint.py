@@ -2,11 +2,14 @@
 
 import os
 import pathlib
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
 
 import bit_keras
+from bit_keras.models import checkpoint
 from bit_keras.models.bit import BiT
 from bit_keras.models.checkpoint import CheckpointError, layout, load_checkpoint, read_npz, save_checkpoint
 from tests.official_npz import official_shapes, random_checkpoint, write_npz
@@ -128,12 +131,11 @@ def test_unreadable_files_give_one_line_errors(content, small_npz, tmp_path):
     with pytest.raises(CheckpointError, match="not a readable .npz checkpoint") as info:
         bit_keras.create_model("R26x0.5", weights=str(path))
     assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert path.exists()  # a user's file, not the download cache's: kept
 
 
 def test_truncated_member_data_is_detected(small_params, tmp_path):
     """A zip whose directory survives but whose data is cut (a partial copy) is still refused."""
-    import zipfile
-
     good = tmp_path / "good.npz"
     write_npz(good, small_params)
     bad = tmp_path / "bad.npz"
@@ -167,3 +169,38 @@ def test_head_class_count_read_from_kernel_when_bias_missing(small_params, tmp_p
     write_npz(tmp_path / "no_bias.npz", params)
     with pytest.raises(CheckpointError, match="missing key 'resnet/head/conv2d/bias'"):
         bit_keras.create_model(str(tmp_path / "no_bias.npz"))
+
+
+def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """A 256 MiB float32 array of zeros deflates to ~0.25 MB: refused from the zip directory, nothing inflated."""
+    path = tmp_path / "bomb.npz"
+    count = 64 << 20
+    with (
+        zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+        archive.open("resnet/head/conv2d/kernel.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (count,)})
+        zeros = bytes(1 << 20)
+        for _ in range(4 * count // len(zeros)):
+            member.write(zeros)
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            read_npz(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    message = str(info.value)
+    assert message.startswith(f"{path}: member 'resnet/head/conv2d/kernel.npy' inflates ")
+    assert "zip bomb" in message and "\n" not in message
+
+
+def test_npz_larger_than_any_checkpoint_is_refused(small_npz, monkeypatch):
+    sizes = [info.file_size for info in zipfile.ZipFile(small_npz).infolist()]
+    monkeypatch.setattr(checkpoint, "MAX_NPZ_BYTES", sum(sizes) - 1)  # 8 GiB stands for any real checkpoint
+    with pytest.raises(CheckpointError, match=f"^{small_npz}: member '.*' takes the uncompressed size past"):
+        read_npz(small_npz)
+    monkeypatch.setattr(checkpoint, "MAX_NPZ_BYTES", sum(sizes))
+    assert len(read_npz(small_npz)) == len(sizes)

@@ -1,8 +1,13 @@
 """Tests for bit_keras.download against a local HTTP server on 127.0.0.1."""
 
+import contextlib
+import hashlib
 import http.server
 import os
 import pathlib
+import re
+import threading
+import time
 
 import pytest
 
@@ -16,6 +21,46 @@ PAYLOAD = bytes(range(256)) * 4099  # > 1 MiB, so the download takes several chu
 
 def leftovers(directory):
     return [p.name for p in pathlib.Path(directory).iterdir() if ".part-" in p.name]
+
+
+class SlowServer:
+    """A real server on 127.0.0.1 that announces 1000 bytes, sends 10, then one every 0.2 s for ``trickle_s`` seconds
+    and nothing after that."""
+
+    def __init__(self, trickle_s):
+        stop = self.stop = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                end = time.monotonic() + trickle_s
+                with contextlib.suppress(ConnectionError):  # the client gave up
+                    self.wfile.write(b"x" * 10)
+                    while not stop.wait(0.2):
+                        if time.monotonic() < end:
+                            self.wfile.write(b"x")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/bit_models/slow.npz"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(params=[1000, 1.5], ids=["trickle", "stall"])
+def slow_server(request):
+    server = SlowServer(request.param)
+    yield server
+    server.close()
 
 
 def test_cached_path_layout(tmp_path):
@@ -175,3 +220,86 @@ def test_gfile_copy(tmp_path):
         fetch("ram://bit_models/missing.npz", cache_dir=str(tmp_path), progress=False)
     assert "ram://bit_models/missing.npz" in str(info.value)
     assert sorted(os.listdir(tmp_path / "bit_models")) == ["R50x1.npz"]
+
+
+def test_deadline_stops_a_slow_download(slow_server, tmp_path):
+    """A byte every 0.2 s never trips the per-read timeout; a stall after 1.5 s is cut at the deadline (2 s), not
+    after a full read timeout (the 2 s the download began with, or TIMEOUT_S)."""
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        fetch(slow_server.url, cache_dir=str(tmp_path), progress=False, deadline_s=2)
+    assert time.monotonic() - start < 3
+    message = str(info.value)
+    received = re.search(r"not complete within the 2 s deadline \((\d+) bytes received\)", message)
+    assert received and 10 <= int(received.group(1)) < 1000
+    assert message.startswith(slow_server.url) and "\n" not in message
+    assert "deadline_s=" in message and download.DEADLINE_ENV in message
+    dest = cached_path(slow_server.url, str(tmp_path))
+    assert not os.path.exists(dest)
+    assert leftovers(os.path.dirname(dest)) == []
+
+
+def test_deadline_from_environment(http_server, tmp_path, monkeypatch):
+    url = http_server.add("/bit_models/env_deadline.txt", b"tench\n")
+    monkeypatch.setenv(download.DEADLINE_ENV, "0.5")
+    slow = SlowServer(1000)
+    try:
+        with pytest.raises(DownloadError, match=r"0.5 s deadline"):
+            fetch(slow.url, cache_dir=str(tmp_path), progress=False)
+    finally:
+        slow.close()
+    assert pathlib.Path(fetch(url, cache_dir=str(tmp_path), progress=False)).read_bytes() == b"tench\n"
+    for bad in ("soon", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv(download.DEADLINE_ENV, bad)
+        with pytest.raises(ValueError, match=f"^{download.DEADLINE_ENV}='{bad}': expected a positive number"):
+            fetch(url, cache_dir=str(tmp_path), progress=False, force=True)
+    with pytest.raises(ValueError, match="^deadline_s=0: expected a positive number of seconds$"):
+        fetch(url, cache_dir=str(tmp_path), progress=False, force=True, deadline_s=0)
+    assert fetch(url, cache_dir=str(tmp_path), progress=False, force=True, deadline_s=5)  # the argument wins
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_mismatch_removes_the_download(http_server, tmp_path):
+    url = http_server.add("/bit_models/checked.npz", PAYLOAD)
+    wrong = sha256(b"other")
+    with pytest.raises(DownloadError) as info:
+        fetch(url, cache_dir=str(tmp_path), progress=False, sha256=wrong)
+    assert str(info.value) == f"{url}: SHA-256 mismatch: expected {wrong}, got {sha256(PAYLOAD)}"
+    dest = cached_path(url, str(tmp_path))
+    assert not os.path.exists(dest)
+    assert leftovers(os.path.dirname(dest)) == []
+    assert fetch(url, cache_dir=str(tmp_path), progress=False, sha256=sha256(PAYLOAD).upper()) == dest
+    with pytest.raises(ValueError, match="not a hex SHA-256 digest"):
+        fetch(url, cache_dir=str(tmp_path), progress=False, sha256="abc")
+
+
+def test_corrupted_cache_is_fetched_again_once(http_server, tmp_path):
+    path = "/bit_models/cached.npz"
+    url = http_server.add(path, PAYLOAD)
+    dest = fetch(url, cache_dir=str(tmp_path), progress=False)
+    pathlib.Path(dest).write_bytes(b"\0" * len(PAYLOAD))  # e.g. a disk error
+    assert fetch(url, cache_dir=str(tmp_path), progress=False, sha256=sha256(PAYLOAD)) == dest
+    assert http_server.counts[path] == 2
+    assert pathlib.Path(dest).read_bytes() == PAYLOAD
+    assert fetch(url, cache_dir=str(tmp_path), progress=False, sha256=sha256(PAYLOAD)) == dest
+    assert http_server.counts[path] == 2  # a cached copy with the right digest is used
+
+    pathlib.Path(dest).write_bytes(b"\0" * len(PAYLOAD))
+    http_server.add(path, b"\1" * len(PAYLOAD))  # the server is wrong too
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        fetch(url, cache_dir=str(tmp_path), progress=False, sha256=sha256(PAYLOAD))
+    assert http_server.counts[path] == 3
+    assert not os.path.exists(dest)
+    assert leftovers(os.path.dirname(dest)) == []
+
+
+def test_sha256_of_a_local_file_is_checked_and_the_file_kept(tmp_path):
+    local = tmp_path / "weights.npz"
+    local.write_bytes(b"local")
+    assert fetch(str(local), sha256=sha256(b"local")) == str(local)
+    with pytest.raises(DownloadError, match=f"^{local}: SHA-256 mismatch: expected {sha256(b'x')}, got"):
+        fetch(str(local), sha256=sha256(b"x"))
+    assert local.read_bytes() == b"local"

@@ -76,6 +76,14 @@ def test_predict_on_tf_data(small):
     np.testing.assert_allclose(small.predict(data, verbose=0), small.predict(x, verbose=0), atol=1e-5)
 
 
+def test_predict_on_no_images(small):
+    for empty in (np.zeros((0, 32, 32, 3), np.float32), tf.zeros((0, 64, 64, 3))):
+        out = small.predict(empty, verbose=0)
+        assert isinstance(out, np.ndarray) and out.shape == (0, 10) and out.dtype == np.float32
+    features = BiT(**SMALL, num_classes=0, dtype="mixed_bfloat16").predict(np.zeros((0, 32, 32, 3), np.float32))
+    assert features.shape == (0, 1024) and features.dtype == np.float32
+
+
 def test_fold_weight_standardization(small, small_params):
     folded = small.fold_weight_standardization()
     assert folded.get_config() == {**small.get_config(), "weight_standardization": False}

@@ -5,9 +5,11 @@ independent float64 numpy forward pass of tests/reference_bit.py. Downloads go t
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -104,6 +106,23 @@ def test_parse_architecture_rejects_unknown(bad):
 
 
 @pytest.mark.parametrize(
+    "name, suggested",
+    [
+        ("BiT-M-R50x2", "'BiT-M-R50x3', 'BiT-M-R50x1', 'BiT-M-R152x2'"),
+        ("BiT-M-R5Ox1", "'BiT-M-R50x1', 'BiT-S-R50x1', 'BiT-M-R50x3'"),
+        ("bit-m-r50x1", "'BiT-M-R50x1'"),
+        ("r50x1", "'R50x1'"),
+        ("BiT-R14x0.5-mnist", "'BiT-R14x0.5-mnist5k'"),
+    ],
+)
+def test_misspelled_names_suggest_the_closest(name, suggested):
+    message = f"^unknown model '{name}': did you mean {suggested}\\? see `bit-keras models`$"
+    for weights in (None, "pretrained"):
+        with pytest.raises(ValueError, match=message):
+            zoo.create_model(name, weights=weights, num_classes=0)
+
+
+@pytest.mark.parametrize(
     "arch, classes", [("R14x0.5", 10), ("R26x0.5", 0), ("R26x0.5", 10), ("R50x1", 0), ("R50x1", 1000)]
 )
 def test_parameter_count_matches_model(arch, classes):
@@ -197,8 +216,67 @@ def served_checkpoint(http_server, small_npz, monkeypatch):
 
 
 def test_pretrained_needs_a_checkpoint_name():
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(ValueError) as info:
+        zoo.create_model("R50x1", weights="pretrained")
+    assert str(info.value) == (
+        "'R50x1' is an architecture: weights='pretrained' needs one of its checkpoints BiT-S-R50x1, BiT-M-R50x1, "
+        "BiT-M-R50x1-ILSVRC2012, BiT-R50x1-distilled-224, BiT-R50x1-distilled-160; see `bit-keras models`"
+    )
+    with pytest.raises(ValueError, match=r"^'R26x0.5' is an architecture: .* \(none is released for it\); see `bit"):
         zoo.create_model("R26x0.5", weights="pretrained")
+
+
+def test_shipped_checkpoint_digest_is_checked(tmp_path):
+    entry = zoo.CHECKPOINTS["BiT-R14x0.5-mnist5k"]
+    data = pathlib.Path(entry.url).read_bytes()
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert all(e.sha256 is None for e in zoo.CHECKPOINTS.values() if e is not entry)
+    copy = tmp_path / "BiT-R14x0.5-mnist5k.npz"
+    shutil.copyfile(entry.url, copy)
+    with open(copy, "r+b") as f:  # one flipped byte inside a weight: still a readable .npz
+        f.seek(len(data) // 2)
+        f.write(bytes([data[len(data) // 2] ^ 1]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(zoo.CHECKPOINTS, entry.name, dataclasses.replace(entry, url=str(copy)))
+        with pytest.raises(bit_keras.DownloadError) as info:
+            zoo.create_model(entry.name, weights="pretrained", progress=False)
+    assert str(info.value).startswith(f"{copy}: SHA-256 mismatch: expected {entry.sha256}, got ")
+    assert "\n" not in str(info.value) and copy.exists()
+
+
+def test_registry_digest_is_checked_on_download(served_checkpoint, http_server, small_npz, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    right = hashlib.sha256(pathlib.Path(small_npz).read_bytes()).hexdigest()
+    wrong = dataclasses.replace(served_checkpoint, sha256=hashlib.sha256(b"other").hexdigest())
+    monkeypatch.setitem(zoo.CHECKPOINTS, wrong.name, wrong)
+    with pytest.raises(bit_keras.DownloadError, match=f"^{served_checkpoint.url}: SHA-256 mismatch: expected "):
+        zoo.create_model(wrong.name, weights="pretrained", cache_dir=cache, progress=False)
+    assert not os.path.exists(download.cached_path(served_checkpoint.url, cache))
+    monkeypatch.setitem(zoo.CHECKPOINTS, wrong.name, dataclasses.replace(wrong, sha256=right))
+    assert zoo.create_model(wrong.name, weights="pretrained", cache_dir=cache, progress=False).num_classes == 10
+    assert http_server.counts["/bit_models/BiT-T-R26x0.5.npz"] == 2
+
+
+def test_unreadable_cached_download_is_fetched_again_once(
+    http_server, small_npz, tmp_path, small_images, small_reference
+):
+    path = "/bit_models/flaky.npz"
+    good = pathlib.Path(small_npz).read_bytes()
+    url = http_server.add(path, b"\0" * len(good))  # a complete download of the wrong bytes
+    cache = str(tmp_path / "cache")
+    cached = download.fetch(url, cache_dir=cache, progress=False)
+    with pytest.raises(bit_keras.CheckpointError, match="not a readable .npz checkpoint") as info:
+        zoo.create_model("R26x0.5", weights=url, cache_dir=cache, progress=False)
+    assert "\n" not in str(info.value)
+    assert http_server.counts[path] == 2  # fetched once more, wrong again, and not kept
+    assert not os.path.exists(cached)
+
+    download.fetch(url, cache_dir=cache, progress=False)
+    http_server.add(path, good)
+    model = zoo.create_model("R26x0.5", weights=url, cache_dir=cache, progress=False)
+    assert http_server.counts[path] == 4
+    assert pathlib.Path(cached).read_bytes() == good
+    assert_close(model.predict(small_images, verbose=0), small_reference["logits"])
 
 
 def test_pretrained_downloads_registry_url_once(

@@ -1,6 +1,7 @@
 """The BiT (ResNet-v2, GroupNorm + Weight Standardization) functional model."""
 
 import keras
+import numpy as np
 from keras import layers
 
 from bit_keras.models.layers import (
@@ -157,6 +158,12 @@ class BiT(keras.Model):
                 yield from (c for c in (layer.conv_a, layer.conv_b, layer.conv_c, layer.proj) if c is not None)
             elif isinstance(layer, layers.Conv2D):
                 yield layer
+
+    def predict(self, x, *args, **kwargs):
+        """Keras' `Model.predict`; an array of no images gives an empty result (Keras 3 raises UnboundLocalError)."""
+        if getattr(x, "shape", None) is not None and len(x.shape) > 0 and x.shape[0] == 0:
+            return np.zeros((0, *self.output.shape[1:]), self.output.dtype)
+        return super().predict(x, *args, **kwargs)
 
     def export(self, filepath, *args, **kwargs):
         """Keras' `Model.export`, traced with `portable_ops` (the SavedModel may be served on a GPU)."""

@@ -16,6 +16,11 @@ from bit_keras.models.layers import GroupNorm, StandardizedConv2D
 
 PREFIX = "resnet/"
 HEAD_KEYS = (PREFIX + "head/conv2d/kernel", PREFIX + "head/conv2d/bias")
+MAX_NPZ_BYTES = 8 << 30  # uncompressed; the biggest BiT checkpoint (R152x4, ~936M float32 weights) is ~3.8 GB
+# Float weights hardly compress (official files are stored, np.savez_compressed of random floats gets ~1.1x), while
+# deflate inflates zeros up to ~1000x: a larger member compressed more than this is a zip bomb, not weights.
+MAX_COMPRESSION_RATIO = 100
+RATIO_MIN_BYTES = 4 << 20
 
 
 class CheckpointError(ValueError):
@@ -66,15 +71,38 @@ def layout(model):
 
 
 def read_npz(path):
-    """All arrays of an `.npz` file as a dict; a clear one-line error for anything that is not one."""
+    """All arrays of an `.npz` file as a dict; a clear one-line error for anything that is not one.
+
+    The zip directory is checked first, so a zip bomb is refused before it is inflated.
+    """
     try:
+        with zipfile.ZipFile(path) as archive:
+            _check_member_sizes(archive, path)
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointError):
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not a readable .npz checkpoint (truncated or not an npz: {detail})") from None
+
+
+def _check_member_sizes(archive, path):
+    """A CheckpointError naming the member unless the declared sizes of `archive`'s members are plausible weights:
+    at most `MAX_NPZ_BYTES` in all, and members above `RATIO_MIN_BYTES` compressed at most `MAX_COMPRESSION_RATIO`."""
+    total = 0
+    for info in archive.infolist():
+        total += info.file_size
+        if total > MAX_NPZ_BYTES:
+            raise CheckpointError(
+                f"{path}: member {info.filename!r} takes the uncompressed size past {MAX_NPZ_BYTES / 2**30:g} GiB, "
+                "more than any BiT checkpoint"
+            )
+        if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
+            raise CheckpointError(
+                f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to {info.file_size}, "
+                f"more than the {MAX_COMPRESSION_RATIO}x float weights can reach: a zip bomb, not a checkpoint"
+            )
 
 
 def architecture_of(arrays, source="checkpoint"):

@@ -1,6 +1,7 @@
 """The BiT model zoo: architectures, every released checkpoint with its metadata, and `create_model`."""
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ class Checkpoint:
     input_size: int  # recommended square input size
     url: str
     labels: str  # key of LABEL_SOURCES
+    sha256: str | None = None  # of the file at url, checked when it is loaded; None: unknown
 
     @property
     def block_units(self):
@@ -47,6 +49,7 @@ class Checkpoint:
 
 
 def _registry():
+    # The official files cannot be downloaded here to take their SHA-256, so their entries leave it None.
     entries = []
     for arch in ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"):
         entries.append(
@@ -88,6 +91,7 @@ def _registry():
             32,
             os.path.join(WEIGHTS_DIR, "BiT-R14x0.5-mnist5k.npz"),
             "digits",
+            "e0bb8a9d3d8ba41d9d7f6acc50bc0ae30ed9dc69e24173661e5521e33716a0df",
         )
     )
     return {entry.name: entry for entry in entries}
@@ -108,12 +112,24 @@ def parse_architecture(arch: str) -> tuple[tuple[int, ...], int | float]:
     """`"R50x1"` -> `((3, 4, 6, 3), 1)`; widths may be fractional (`"R26x0.5"`)."""
     match = ARCH_PATTERN.fullmatch(arch)
     if not match or int(match.group(1)) not in BLOCK_UNITS:
-        raise ValueError(
-            f"unknown model {arch!r}: expected a checkpoint name ({', '.join(list(CHECKPOINTS)[:3])}, ...) "
-            f"or an architecture R{{{'|'.join(map(str, BLOCK_UNITS))}}}x<width>; see `bit-keras models`"
+        close = _closest(arch, list_models())
+        hint = (
+            f"did you mean {', '.join(map(repr, close))}?"
+            if close
+            else f"expected a checkpoint name ({', '.join(list(CHECKPOINTS)[:3])}, ...) "
+            f"or an architecture R{{{'|'.join(map(str, BLOCK_UNITS))}}}x<width>;"
         )
+        raise ValueError(f"unknown model {arch!r}: {hint} see `bit-keras models`")
     width = float(match.group(2))
     return BLOCK_UNITS[int(match.group(1))], int(width) if width.is_integer() else width
+
+
+def _closest(name, names):
+    """The one of `names` equal to `name` ignoring case, else up to three closest to it."""
+    by_lower = {n.lower(): n for n in names}
+    if name.lower() in by_lower:
+        return [by_lower[name.lower()]]
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=3)]
 
 
 def list_models(pretrained_only: bool = False) -> list[str]:
@@ -169,12 +185,19 @@ def create_model(
         weights = name_or_arch
     elif weights == "pretrained":
         if entry is None:
-            raise ValueError(f"{name_or_arch!r} is an architecture; pretrained weights need a checkpoint name")
+            arch = parse_architecture(name_or_arch)  # an unknown name: the closest ones suggested
+            names = [e.name for e in CHECKPOINTS.values() if parse_architecture(e.arch) == arch]
+            need = (
+                f"one of its checkpoints {', '.join(names)}" if names else "a checkpoint name (none is released for it)"
+            )
+            raise ValueError(
+                f"{name_or_arch!r} is an architecture: weights='pretrained' needs {need}; see `bit-keras models`"
+            )
         weights = entry.url
     arrays = None
     if weights is not None:
         source = str(weights)
-        arrays = checkpoint.read_npz(download.fetch(source, cache_dir=cache_dir, progress=progress))
+        arrays = _read_weights(source, cache_dir, progress)
         file_classes = checkpoint.head_classes(arrays)
     else:
         file_classes = entry.num_classes if entry else None
@@ -199,6 +222,24 @@ def create_model(
     if arrays is not None:
         checkpoint.load_checkpoint(model, arrays, skip_head=num_classes != file_classes, source=source)
     return model
+
+
+def _read_weights(source, cache_dir, progress):
+    """The arrays of a checkpoint path or URL (SHA-256 checked for a registry URL); a download that is no
+    readable `.npz` is removed from the cache, and fetched once more when it was there before."""
+    sha256 = next((e.sha256 for e in CHECKPOINTS.values() if e.url == source), None)
+    if not download.is_url(source):  # a local file is the user's: never removed
+        return checkpoint.read_npz(download.fetch(source, sha256=sha256))
+    retry = os.path.exists(download.cached_path(source, cache_dir))
+    while True:
+        path = download.fetch(source, cache_dir=cache_dir, progress=progress, sha256=sha256)
+        try:
+            return checkpoint.read_npz(path)
+        except checkpoint.CheckpointError:
+            os.remove(path)
+            if not retry:
+                raise
+            retry = False
 
 
 def label_names(name_or_source: str, cache_dir: str | None = None, progress: bool = True) -> list[str]:
