@@ -71,6 +71,13 @@ def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classi
     p.add_argument("--dataset", default=None, help=dataset)
     if classification:
         p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
+        p.add_argument(
+            "--test_fraction",
+            type=float,
+            default=0.2,
+            help="of an image folder without train/ and test/ subfolders: the share of each class held out for "
+            "testing (default 0.2)",
+        )
     p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
     if classification:
         p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
@@ -88,6 +95,18 @@ def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classi
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order, augmentation and MixUp")
     p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors (the run's train.log has everything)")
+    _add_max_pixels(p)
+
+
+def _add_max_pixels(p):
+    from bit_keras.data.images import MAX_PIXELS
+
+    p.add_argument(
+        "--max_pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse image files larger than this (default {MAX_PIXELS:,})",
+    )
 
 
 def _add_finetune(sub):
@@ -208,7 +227,7 @@ def _detect(args):
     from bit_keras.detection.detect import detect, print_table
 
     given = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
-    results = detect(args.model, args.images, out=args.out, **given)
+    results = detect(args.model, args.images, out=args.out, max_pixels=args.max_pixels, **given)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -278,7 +297,9 @@ def _export_detector(args):
 def _predict(args):
     from bit_keras.serving.predict import predict
 
-    results = predict(args.model, args.images, args.top_k, args.labels, args.image_size, args.cache_dir)
+    results = predict(
+        args.model, args.images, args.top_k, args.labels, args.image_size, args.cache_dir, max_pixels=args.max_pixels
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -339,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--image_size", type=int, default=None, help="resize side for a .keras model")
     predict.add_argument("--cache_dir", default=None, help="download cache directory")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_max_pixels(predict)
     predict.set_defaults(func=_predict)
 
     detect = sub.add_parser("detect", help="detected objects in image files, printed and drawn as PNGs")
@@ -347,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", default="detections", help="folder for the drawn PNGs (default: detections)")
     detect.add_argument("--score_threshold", type=float, default=None, help="lowest score shown (default 0.5)")
     detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_max_pixels(detect)
     detect.set_defaults(func=_detect)
     return parser
 

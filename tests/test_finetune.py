@@ -250,6 +250,27 @@ def test_dataset_size_flag_and_log(tmp_path, caplog, small_npz):
     assert result.metrics["dataset_size_source"] == "flag" and result.metrics["hyperrule"]["mixup_alpha"] == 0.1
 
 
+def test_small_data_is_said_and_clamped(tmp_path, caplog, small_npz):
+    """3 classes x 10 images of 24px: the log says how the folder was split (--test_fraction), clamps the
+    HyperRule's batch of 512 to the 21 training images (lr scaled to it) and warns of the 5x upsampling."""
+    folder = write_image_folder(tmp_path / "images", n_per_class=10, size=24)
+    result = finetune(
+        image_folder=str(folder), test_fraction=0.3, model=small_npz, logdir=str(tmp_path), steps=5, eval_every=5
+    )
+    out = caplog.text
+    assert "3 classes, 21 training and 9 test images (a stratified 30% per class held out for testing, seed 0)" in out
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "batch 512 is larger than the 21 training examples: clamped to 21 (lr scaled to it); the schedule's 5 steps "
+        "are ~5 epochs",
+        "the 128px crops upsample the 24x24 images 5x (the HyperRule's size for small images); --resolution sets a "
+        "smaller one",
+    ]
+    rule = result.metrics["hyperrule"]
+    assert (rule["batch"], rule["lr"], result.metrics["num_test"]) == (21, pytest.approx(0.003 * 21 / 512), 9)
+    assert "batch 21 = 1 x 1 x 21" in out
+
+
 # --- bad input: a clear error naming the item, and no run folder claiming success ------------------------------
 
 

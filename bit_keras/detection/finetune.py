@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from bit_keras.checks import check_finite, check_int
+from bit_keras.data.images import MAX_PIXELS
 from bit_keras.detection import data as data_lib
 from bit_keras.detection import evaluation, pipeline, retinanet
 from bit_keras.detection.objective import FocalLoss
@@ -120,6 +121,7 @@ def finetune_detector(
     xla: bool = False,
     freeze_backbone: bool = False,
     seed: int = 0,
+    max_pixels: int = MAX_PIXELS,
     overwrite: bool = False,
     verbose: int = 1,
 ) -> RunResult:
@@ -127,7 +129,8 @@ def finetune_detector(
 
     Data (one of): `dataset`, "coco/2017", "voc/2007" or "voc/2012" from tensorflow-datasets (splits default to
     train and validation, or test for VOC 2007, unless named), or "digit-canvases"; `coco_folder`, a local
-    COCO-format folder (`bit_keras.detection.data.from_coco_folder`); `data`, a `DetectionData`; none of them:
+    COCO-format folder (`bit_keras.detection.data.from_coco_folder`; images over `max_pixels` pixels are refused);
+    `data`, a `DetectionData`; none of them:
     the digit canvases with the `EMBEDDED` settings for whatever is not given.
 
     `model` (the backbone, default BiT-M-R50x1) is anything `bit_keras.detection.retinanet.create_detector`
@@ -197,7 +200,7 @@ class DetectionRecipe(engine.Recipe):
         splits = [
             s if s != default else None for s, default in ((options.train_split, "train"), (options.test_split, "test"))
         ]
-        return data_lib.load(options.dataset, self.coco_folder, options.data_dir, *splits)
+        return data_lib.load(options.dataset, self.coco_folder, options.data_dir, *splits, options.max_pixels)
 
     def plan(self, data: data_lib.DetectionData, options: engine.RunOptions) -> engine.Plan:
         rule = detection_rule(data.num_train, options.batch, options.base_lr, self.epochs, self.steps)

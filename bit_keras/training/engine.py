@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from bit_keras.checks import check_finite, check_int
-from bit_keras.data import sources
+from bit_keras.data import images, sources
 from bit_keras.training import logs
 from bit_keras.training.run_folder import RunFolder, RunResult, strict_json
 from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
@@ -38,6 +38,8 @@ class RunOptions:
 
     dataset: str | None = None  # a tfds name or a bundled one (sources.BUNDLED)
     image_folder: str | None = None
+    test_fraction: float = 0.2  # of an image folder without train/ and test/ subfolders, held out per class
+    max_pixels: int = images.MAX_PIXELS  # the largest image file read (image and COCO folders)
     data: sources.Data | None = None
     data_dir: str | None = None
     manual_dir: str | None = None
@@ -67,6 +69,7 @@ class RunOptions:
         """One-line errors for bad values, before any folder, download or TensorFlow op."""
         for flag in ("batch", "batch_split", "eval_every", "resolution"):
             check_int(flag, getattr(self, flag))
+        images.check_max_pixels(self.max_pixels)
         check_finite("base_lr", self.base_lr, positive=True)
         if self.name is not None and not self.name.strip():
             raise ValueError("name must not be empty (leave it out for the default)")
@@ -80,6 +83,8 @@ class RunOptions:
         ]
         if tfds_only and (self.dataset is None or self.dataset in sources.BUNDLED):
             raise ValueError("; ".join(f"{k} applies to a tfds dataset only" for k in tfds_only))
+        if self.test_fraction != 0.2 and self.image_folder is None:
+            raise ValueError("test_fraction applies to an image folder only")
 
     def eval_interval(self, rule: "Rule") -> int:
         """`eval_every`, or the rule's default."""
@@ -97,7 +102,14 @@ class RunOptions:
         if self.dataset is None and self.image_folder is None:
             return None
         return sources.load(
-            self.dataset, self.image_folder, self.data_dir, self.manual_dir, self.train_split, self.test_split
+            self.dataset,
+            self.image_folder,
+            self.data_dir,
+            self.manual_dir,
+            self.train_split,
+            self.test_split,
+            test_fraction=self.test_fraction,
+            max_pixels=self.max_pixels,
         )
 
 
@@ -174,80 +186,79 @@ class Recipe(abc.ABC):
 
 def train(recipe: Recipe, options: RunOptions) -> RunResult:
     """Run `recipe` with `options`: the same sequence for every recipe; returns the finished run."""
-    options.check()
-    recipe.check(options)
-    strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
-    data = recipe.load_data(options)
-    for split in ("train", "test"):
-        if int(getattr(data, split).cardinality()) == 0:
-            raise ValueError(f"{data.name}: the {split} split is empty")
-    plan = recipe.plan(data, options)
-    config = {
-        **plan.config,
-        "data_fingerprint": getattr(data, "fingerprint", None),
-    }  # a resume on changed data is refused
-    rule, replicas, split = plan.rule, strategy.num_replicas_in_sync, options.batch_split
-    if rule.batch % (replicas * split):
-        raise ValueError(f"batch {rule.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
-    name = plan.name if options.name is None else options.name
-    run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
-    run.refuse_foreign()
-    with run.locked(), logs.run_logging(options.verbose) as run_log:  # one run per folder, for the whole run
-        run.prepare(config, options.overwrite)
-        keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
-        with strategy.scope():
-            model = recipe.build_model(data, plan, options)
-            loss = plan.loss if isinstance(plan.loss, str) else plan.loss()
-            trainer = Trainer(model, batch_split=split, loss=loss, weight_decay=rule.weight_decay, name="trainer")
-            trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=options.xla)
-        run.start(config)
-        if run.chief:
-            run_log.to_file(run.log_path)
-        state = run.restore(trainer)
-        for line in plan.description:
-            log.info(line)
-        for line in plan.warnings:
-            log.warning(line)
-        frozen = sum(1 for layer in model.layers if layer.weights and not layer.trainable)
-        log.info(
-            f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen} frozen "
-            f"layers), strategy: {type(strategy).__name__.strip('_')} with {replicas} replica(s), batch {rule.batch} "
-            f"= {replicas} x {split} x {rule.batch // replicas // split}; run folder {run.path}"
-        )
-        if state:
-            log.info(f"resuming from step {state['step']} ({os.path.join(run.checkpoint_dir, state['weights'])})")
-        try:
-            state = _fit(run, trainer, recipe, data, plan, options, state)
-        except tf.errors.InvalidArgumentError as err:
-            named = data.decode_error(err)
-            if named is err:
-                raise
-            raise named from err
-        objective, last = trainer.objective, state["evals"][-1]
-        num_test = int(data.test.cardinality())
-        metrics = {
-            "name": name,
-            **{key: value for key, value in last.items() if key.startswith("test_")},
-            "metric": objective.name,
-            "evals": state["evals"],
-            "steps": rule.steps,
-            "wall_s": state["wall_s"],
-            "images_per_s": state["trained_images"] / state["train_s"] if state["train_s"] else None,
-            "num_test": num_test if num_test >= 0 else None,
-            "image_size": plan.image_size,
-            "replicas": replicas,
-            "batch_split": split,
-            "xla": bool(options.xla),
-            **{k: v for k, v in plan.config.items() if k != "class_names"},
-            **plan.metrics,
-        }
-        metrics = json.loads(json.dumps(strict_json(metrics)))  # exactly what metrics.json holds
-        if run.chief:
-            recipe.save_artifacts(run, model, data, plan)
-            run.finish(model, data.class_names, metrics)
-        value = metrics[objective.headline]  # None if it was not a finite number
-        result = f"{objective.headline.replace('_', ' ')} {'-' if value is None else f'{value:.4f}'}"
-        log.info(f"{result} after {rule.steps} steps; run folder {run.path}")
+    with logs.run_logging(options.verbose) as run_log:  # from the start: data loading logs too
+        options.check()
+        recipe.check(options)
+        strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
+        data = recipe.load_data(options)
+        for split in ("train", "test"):
+            if int(getattr(data, split).cardinality()) == 0:
+                raise ValueError(f"{data.name}: the {split} split is empty")
+        plan = recipe.plan(data, options)
+        config = {**plan.config, "data_fingerprint": data.fingerprint}  # a resume on changed data is refused
+        rule, replicas, split = plan.rule, strategy.num_replicas_in_sync, options.batch_split
+        if rule.batch % (replicas * split):
+            raise ValueError(f"batch {rule.batch} must split evenly over {replicas} replica(s) x batch_split {split}")
+        name = plan.name if options.name is None else options.name
+        run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
+        run.refuse_foreign()
+        with run.locked():  # one run per folder, for the whole run
+            run.prepare(config, options.overwrite)
+            keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
+            with strategy.scope():
+                model = recipe.build_model(data, plan, options)
+                loss = plan.loss if isinstance(plan.loss, str) else plan.loss()
+                trainer = Trainer(model, batch_split=split, loss=loss, weight_decay=rule.weight_decay, name="trainer")
+                trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=options.xla)
+            run.start(config)
+            if run.chief:
+                run_log.to_file(run.log_path)
+            state = run.restore(trainer)
+            for line in plan.description:
+                log.info(line)
+            for line in plan.warnings:
+                log.warning(line)
+            frozen = sum(1 for layer in model.layers if layer.weights and not layer.trainable)
+            strategy_name = type(strategy).__name__.strip("_")
+            log.info(
+                f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen} frozen "
+                f"layers), strategy: {strategy_name} with {replicas} replica(s), batch {rule.batch} "
+                f"= {replicas} x {split} x {rule.batch // replicas // split}; run folder {run.path}"
+            )
+            if state:
+                log.info(f"resuming from step {state['step']} ({os.path.join(run.checkpoint_dir, state['weights'])})")
+            try:
+                state = _fit(run, trainer, recipe, data, plan, options, state)
+            except tf.errors.InvalidArgumentError as err:
+                named = data.decode_error(err)
+                if named is err:
+                    raise
+                raise named from err
+            objective, last = trainer.objective, state["evals"][-1]
+            num_test = int(data.test.cardinality())
+            metrics = {
+                "name": name,
+                **{key: value for key, value in last.items() if key.startswith("test_")},
+                "metric": objective.name,
+                "evals": state["evals"],
+                "steps": rule.steps,
+                "wall_s": state["wall_s"],
+                "images_per_s": state["trained_images"] / state["train_s"] if state["train_s"] else None,
+                "num_test": num_test if num_test >= 0 else None,
+                "image_size": plan.image_size,
+                "replicas": replicas,
+                "batch_split": split,
+                "xla": bool(options.xla),
+                **{k: v for k, v in plan.config.items() if k != "class_names"},
+                **plan.metrics,
+            }
+            metrics = json.loads(json.dumps(strict_json(metrics)))  # exactly what metrics.json holds
+            if run.chief:
+                recipe.save_artifacts(run, model, data, plan)
+                run.finish(model, data.class_names, metrics)
+            value = metrics[objective.headline]  # None if it was not a finite number
+            result = f"{objective.headline.replace('_', ' ')} {'-' if value is None else f'{value:.4f}'}"
+            log.info(f"{result} after {rule.steps} steps; run folder {run.path}")
     return RunResult(model, metrics, run.path)
 
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from bit_keras.checks import check_finite, check_int
 from bit_keras.data import pipeline, sources
+from bit_keras.data.images import MAX_PIXELS
 from bit_keras.models import resolve
 from bit_keras.training import engine
 from bit_keras.training import hyperrule as hyperrule_lib
@@ -26,6 +27,8 @@ def finetune(
     dataset: str | None = None,
     *,
     image_folder: str | None = None,
+    test_fraction: float = 0.2,
+    max_pixels: int = MAX_PIXELS,
     data: sources.Data | None = None,
     model: str | None = None,
     name: str | None = None,
@@ -59,9 +62,10 @@ def finetune(
     """Fine-tune a BiT model with the BiT-HyperRule; returns a `bit_keras.training.run_folder.RunResult`.
 
     Data (one of): `dataset`, a tensorflow-datasets name (`data_dir`, `manual_dir` and the split
-    names configurable) or a bundled one ("digits", "mnist5k"); `image_folder`, one subfolder per class;
-    `data`, a `bit_keras.data.sources.Data`; none of them: the embedded digits with the `EMBEDDED` settings
-    for whatever is not given.
+    names configurable) or a bundled one ("digits", "mnist5k"); `image_folder`, one subfolder per class
+    (without `train/` and `test/` subfolders, a stratified `test_fraction` of each class is held out for
+    testing; files over `max_pixels` pixels are refused); `data`, a `bit_keras.data.sources.Data`; none of
+    them: the embedded digits with the `EMBEDDED` settings for whatever is not given.
 
     `model` (default BiT-M-R50x1) is anything `bit_keras.models.resolve.resolve_model` accepts: a checkpoint
     name (pretrained weights from `bit_pretrained_dir/NAME.npz` when given, else downloaded), an official-layout

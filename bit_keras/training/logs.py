@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import logging.handlers
 import sys
 
 LOGGER = logging.getLogger("bit_keras")
@@ -37,10 +38,13 @@ class _RunFile(logging.FileHandler):
 
 
 class RunLog:
-    """The handlers of one run, removed when it ends (see `run_logging`)."""
+    """The handlers of one run, removed when it ends (see `run_logging`). Records before the log file exists (data
+    loading, the plan) are kept and written first when it is added."""
 
     def __init__(self) -> None:
         self.handlers: list[logging.Handler] = []
+        self.pending = logging.handlers.BufferingHandler(capacity=10_000)
+        self.add(self.pending, logging.INFO)
 
     def add(self, handler: logging.Handler, level: int, fmt: str = "%(message)s") -> None:
         handler.setLevel(level)
@@ -50,7 +54,11 @@ class RunLog:
 
     def to_file(self, path: str) -> None:
         """Also write every INFO record, timestamped, to `path` (appended: a resumed run continues its log)."""
-        self.add(_RunFile(path, encoding="utf-8"), logging.INFO, FILE_FORMAT)
+        file = _RunFile(path, encoding="utf-8")
+        self.add(file, logging.INFO, FILE_FORMAT)
+        for record in self.pending.buffer:
+            file.handle(record)
+        LOGGER.removeHandler(self.pending)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from bit_keras.checks import check_finite, check_int
 from bit_keras.data import pipeline, sources
+from bit_keras.data.images import MAX_PIXELS
 from bit_keras.models import checkpoint, zoo
 from bit_keras.models.layers import NORMALIZATIONS
 from bit_keras.training import engine, upstream
@@ -19,6 +20,8 @@ def pretrain(
     dataset: str | None = None,
     *,
     image_folder: str | None = None,
+    test_fraction: float = 0.2,
+    max_pixels: int = MAX_PIXELS,
     data: sources.Data | None = None,
     model: str = "R50x1",
     data_dir: str | None = None,
