@@ -20,7 +20,7 @@ PAYLOAD = bytes(range(256)) * 4099  # > 1 MiB, so the download takes several chu
 
 
 def leftovers(directory):
-    return [p.name for p in pathlib.Path(directory).iterdir() if ".part-" in p.name]
+    return [p.name for p in pathlib.Path(directory).iterdir() if ".tmp-" in p.name]
 
 
 class SlowServer:

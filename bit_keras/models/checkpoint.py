@@ -6,12 +6,12 @@ Every key of the file must be consumed and every weight of the model set; anythi
 
 import os
 import re
-import secrets
 import zipfile
 
 import keras
 import numpy as np
 
+from bit_keras import files
 from bit_keras.models.layers import GroupNorm, StandardizedConv2D
 
 PREFIX = "resnet/"
@@ -182,15 +182,6 @@ def save_checkpoint(model: keras.Model, path: str | os.PathLike) -> str:
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: checkpoint path must end with .npz")
     arrays = {key: np.asarray(var.numpy(), np.float32).reshape(shape) for key, var, shape in layout(model)}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.part-{secrets.token_hex(6)}"  # not mkstemp: its 0600 mode would outlive the rename
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with files.replacing(path) as tmp, open(tmp, "xb") as f:
+        np.savez(f, **arrays)
     return path

@@ -8,19 +8,19 @@ whole download must finish within a deadline (``DEADLINE_S``, or
 ``$BIT_KERAS_DOWNLOAD_DEADLINE`` seconds, or ``deadline_s=``), not only each read.
 """
 
-import contextlib
 import hashlib
 import http.client
 import math
 import os
 import re
-import secrets
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from tqdm.auto import tqdm
+
+from bit_keras import files
 
 CACHE_ENV = "BIT_KERAS_CACHE"
 CHUNK_SIZE = 1 << 20
@@ -69,7 +69,7 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False, *, sha256=Non
     Local paths are returned unchanged and ``file://`` URLs as their local
     path, after checking they exist (FileNotFoundError otherwise). Remote URLs
     are returned from the cache without network access when already there
-    (unless ``force``); otherwise they are streamed to ``<name>.part-<random>``
+    (unless ``force``); otherwise they are streamed to a temporary file (``bit_keras.files``)
     beside the cache path, checked against the announced size and renamed into
     place. On any failure the partial file is removed and DownloadError (or the
     original exception, e.g. KeyboardInterrupt) is raised; with ``force``, a
@@ -100,21 +100,14 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False, *, sha256=Non
             return dest
         os.remove(dest)  # a corrupted cached copy: download it again
     seconds = _deadline_seconds(deadline_s)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.part-{secrets.token_hex(6)}"
     copy = _copy_http if scheme in _HTTP_SCHEMES else _copy_gfile
-    try:
+    with files.replacing(dest) as tmp:
         with open(tmp, "wb") as out:
             deadline = _Deadline(url_or_path, seconds, out)
             size, total = copy(url_or_path, out, progress, os.path.basename(dest), deadline)
         if total is not None and size != total:
             raise DownloadError(f"{url_or_path}: truncated: got {size} of {total} bytes")
         _check_digest(tmp, url_or_path, expected)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
     return dest
 
 
