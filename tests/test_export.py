@@ -397,6 +397,7 @@ def _examples(*commands, cwd):
     return [result.stdout for result in results]
 
 
+@pytest.mark.slow  # three example scripts in their own processes (~45 s); CI runs it in the slow step
 def test_examples(exported, tmp_path):
     root, _ = exported
     hub_out, keras3_out, serving_out = _examples(

@@ -321,13 +321,39 @@ def test_checkpoint_of_another_class_count(small_npz, tmp_path, monkeypatch):
     checkpoint = tmp_path / "run" / "checkpoint"
     assert (checkpoint / "state.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
     with pytest.raises(
-        ValueError, match=f"{checkpoint}: the checkpoint there was written for another run.*class_names"
+        ValueError, match=f"{checkpoint}: the data changed since this checkpoint was written \\(and with it class_names"
     ):
         finetune(data=stripes_data(classes=4), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
     assert not (tmp_path / "run" / "metrics.json").exists()
     # The same data resumes it: nothing is left to train, so it only finishes.
     result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
     assert [e["step"] for e in result.metrics["evals"]] == [3, 6]
+
+
+def test_resume_on_changed_data_is_refused(small_npz, tmp_path, monkeypatch):
+    """run.json fingerprints the image folder: an image overwritten or added after the checkpoint refuses the resume
+    by name; the folder as it was resumes it."""
+    folder = write_image_folder(tmp_path / "images")
+    run = dict(image_folder=str(folder), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
+    monkeypatch.setattr(RunFolder, "finish", lambda *args: sys.exit("stopped before finishing"))
+    with pytest.raises(SystemExit):
+        finetune(**run)
+    monkeypatch.undo()
+    image, other = sorted((folder / "top").iterdir())[0], sorted((folder / "middle").iterdir())[0]
+    before, stat = image.read_bytes(), image.stat()
+    changed = f"{tmp_path / 'run' / 'checkpoint'}: the data changed since this checkpoint was written"
+    image.write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match=changed):
+        finetune(**run)
+    image.write_bytes(before)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (folder / "top" / "added.png").write_bytes(before)
+    with pytest.raises(ValueError, match=changed):
+        finetune(**run)
+    (folder / "top" / "added.png").unlink()
+    result = finetune(**run)
+    assert [e["step"] for e in result.metrics["evals"]] == [3, 6]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data_fingerprint"]["kind"] == "image_folder"
 
 
 def test_bad_choices():

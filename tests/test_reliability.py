@@ -70,7 +70,8 @@ def test_full_disk_stops_the_run_with_one_line_and_the_next_run_cleans_up(tmp_pa
     """Under a file-size limit too small for a checkpoint (as a full disk), the run exits 1 with one line naming the
     checkpoint file and the cause, leaves no temporary file, and no segfault; the same command without the limit
     then trains from the start and finishes, after removing what a killed run left half-written."""
-    args = ["--logdir", str(tmp_path / "runs"), "--name", "full", "--steps", "6", "--eval_every", "3", "--quiet"]
+    args = ["--logdir", str(tmp_path / "runs"), "--name", "full", "--steps", "5", "--eval_every", "5", "--batch", "8"]
+    args.append("--quiet")
     limited = subprocess.run(
         [*BIT_KERAS, "finetune", *args],
         cwd=tmp_path,
@@ -83,11 +84,11 @@ def test_full_disk_stops_the_run_with_one_line_and_the_next_run_cleans_up(tmp_pa
     lines = [line for line in limited.stderr.splitlines() if not TF_NOISE.match(line)]
     assert limited.returncode == 1 and len(lines) == 1, limited.stderr[-3000:]
     checkpoint = tmp_path / "runs" / "full" / "checkpoint"
-    assert f"{checkpoint / 'step-3.npz'}: cannot write (File too large); nothing was replaced" in lines[0]
+    assert f"{checkpoint / 'step-5.npz'}: cannot write (File too large); nothing was replaced" in lines[0]
     assert sorted(os.listdir(checkpoint)) == []
     # What a SIGKILLed writer leaves (this host, a pid that is gone), removed by the next run under its lock.
     dead = f"{socket.gethostname()}-{2**22 + 17}"
-    left = [checkpoint / f".step-3.npz.tmp-{dead}", tmp_path / "runs" / "full" / f".model.keras.tmp-{dead}.keras"]
+    left = [checkpoint / f".step-5.npz.tmp-{dead}", tmp_path / "runs" / "full" / f".model.keras.tmp-{dead}.keras"]
     for path in left:
         path.write_bytes(b"partial")
     rerun = _cli(args, tmp_path, tmp_path / "cache")

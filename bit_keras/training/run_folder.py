@@ -145,10 +145,12 @@ class RunFolder:
         saved = _read_json(path)
         config = json.loads(json.dumps(config))  # tuples as lists, as saved
         differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-        if differ == ["data_fingerprint"]:
+        if "data_fingerprint" in differ:
+            others = [k for k in differ if k != "data_fingerprint"]
+            also = f" (and with it {', '.join(others)})" if others else ""
             raise ValueError(
-                f"{self.checkpoint_dir}: the data changed since this checkpoint was written (files added, removed or "
-                "modified); restore the data, or use another --name or --overwrite to start afresh"
+                f"{self.checkpoint_dir}: the data changed since this checkpoint was written{also}: files added, "
+                "removed or modified; restore the data, or use another --name or --overwrite to start afresh"
             )
         if differ:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ[:4])
