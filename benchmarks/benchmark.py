@@ -461,8 +461,9 @@ def keras_pipeline(args):
 
     resize, crop = hyperrule.resolution(override=args.train_resolution)
     with tempfile.TemporaryDirectory() as folder:
-        images = write_jpegs(folder, args.pipeline_images)
-        loaded = sources.from_image_folder(folder)  # timed on its training split (80%)
+        images = write_jpegs(os.path.join(folder, "train"), args.pipeline_images)
+        os.symlink("train", os.path.join(folder, "test"))  # the loader wants a test split; only train is timed
+        loaded = sources.from_image_folder(folder)
         batches = pipeline.train_batches(loaded.train, resize, crop, args.train_batch, cache=False)
         options = tf.data.Options()
         options.threading.private_threadpool_size = args.threads
