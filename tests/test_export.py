@@ -1,11 +1,15 @@
 """TF-Hub-style exports: hub.KerasLayer (tf_keras), hub.load and saved_model_cli in fresh processes that do not
 import bit_keras; the Keras 3 SavedModelLayer; mixed precision and strategy-scope exports; bad input; the CLI."""
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -13,9 +17,10 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
+from bit_keras.models import download, zoo
 from bit_keras.models.layers import portable_ops
 from bit_keras.models.resolve import resolve_model
-from bit_keras.serving.export import export
+from bit_keras.serving.export import export, export_inputs
 from tests.test_cli import BIT_KERAS, TF_NOISE, _env, run_all
 
 pytestmark = pytest.mark.timeout(600)
@@ -227,19 +232,57 @@ def test_mixed_precision_and_strategy_scope_exports(small_npz, tmp_path):
     assert np.abs(features.numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
 
 
-def test_exports_are_portable_to_gpus(small_npz, tmp_path):
-    """SavedModels hold no FusedBatchNormV3 (this CPU's fast weight standardization, whose epsilon cuDNN
-    would clamp), from `export` and from Keras' `Model.export` alike; an in-process trace here does."""
+def test_exports_are_portable(small_npz, tmp_path, monkeypatch):
+    """SavedModels hold no function XLA must compile (the group norm's kernel; tf2onnx leaves it unconverted) and
+    no FusedBatchNormV3 (this CPU's fast weight standardization, whose epsilon cuDNN would clamp): every export
+    kind and Keras' `Model.export`, all within 1e-5 of the Keras model. An in-process trace here holds both, and
+    the writer refuses a graph that does."""
+    from bit_keras.detection.retinanet import create_detector
+    from bit_keras.serving.export import check_portable, export_detector
+    from tests.detection_helpers import SMALL
+
     model = bit_keras.create_model(small_npz)
+    detector = create_detector(small_npz, 2, image_size=128, **SMALL)
     spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
-    assert (
-        b"FusedBatchNormV3" in tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
-    )
+    traced = tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
+    assert b"FusedBatchNormV3" in traced and b"_XlaMustCompile" in traced
     export(model, tmp_path / "fv")
+    export(model, tmp_path / "cls", "classification", CLASS_NAMES, image_size=32)
+    export_detector(detector, tmp_path / "det", ["a", "b"])
     model.export(str(tmp_path / "keras_export"), verbose=False)
-    for path in (tmp_path / "fv", tmp_path / "keras_export"):
-        graph = (path / "saved_model.pb").read_bytes()
-        assert b"Conv2D" in graph and b"FusedBatchNormV3" not in graph, path
+    for kind in ("fv", "cls", "det", "keras_export"):
+        graph = (tmp_path / kind / "saved_model.pb").read_bytes()
+        assert b"Conv2D" in graph and b"FusedBatchNormV3" not in graph and b"_XlaMustCompile" not in graph, kind
+        check_portable(tmp_path / kind)
+
+    x = np.random.default_rng(8).uniform(size=(2, 128, 128, 3)).astype(np.float32)
+    features = model.feature_extractor(["pre_logits"])(x)["pre_logits"].numpy()
+    raw = tf.sigmoid(detector(x)["classes"]).numpy()
+    loaded = {kind: tf.saved_model.load(str(tmp_path / kind)) for kind in ("fv", "cls", "det", "keras_export")}
+    for got, expected in (
+        (loaded["fv"](x), features),
+        (loaded["cls"](x), model(x).numpy()),
+        (loaded["keras_export"].serve(x), model(x).numpy()),
+        (loaded["det"].signatures["serving_default"](images=x)["raw_detection_scores"], raw),
+    ):
+        assert np.abs(got.numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+
+    def save(name, fn):
+        module = tf.Module()
+        module.fn = tf.function(fn, input_signature=[tf.TensorSpec([None, 3, 3, 4])])
+        tf.saved_model.save(module, str(tmp_path / name))
+        return tmp_path / name
+
+    with pytest.raises(RuntimeError, match=r"xla: function \S+: (XLA must compile it|it calls \S+ with _XlaMustC)"):
+        check_portable(save("xla", tf.function(lambda x: 2 * x, jit_compile=True)))
+    ones, empty = tf.ones(4), tf.zeros([0])
+    fused = lambda x: tf.raw_ops.FusedBatchNormV3(x=x, scale=ones, offset=0 * ones, mean=empty, variance=empty)[0]
+    with pytest.raises(RuntimeError, match=r"fused: function \S+: it holds a training-mode FusedBatchNormV3 \("):
+        check_portable(save("fused", fused), "fused")
+    monkeypatch.setattr("bit_keras.serving.export.portable_ops", contextlib.nullcontext)  # a trace that slips
+    with pytest.raises(RuntimeError, match=r"refused: function \S+: .*, which not every consumer runs .*: not export"):
+        export(model, tmp_path / "refused")
+    assert not any(name.startswith(".refused") or name == "refused" for name in os.listdir(tmp_path))
 
 
 def test_export_is_atomic_and_refuses_to_overwrite(small_npz, tmp_path, monkeypatch):
@@ -260,10 +303,88 @@ def test_export_is_atomic_and_refuses_to_overwrite(small_npz, tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path / "exports")) == ["fv"]  # and no temporary directory is left
     monkeypatch.undo()
     export(model, target, overwrite=True)
-    with pytest.raises(ValueError, match="needs 10 class names, got 3"):
+    with pytest.raises(ValueError, match=r"needs 10 class names \(got 3\)$"):
         export(model, tmp_path / "x", "classification", ["a", "b", "c"], image_size=32)
     with pytest.raises(ValueError, match="needs a model with a head"):
         export(model.with_new_head(0), tmp_path / "x", "classification", [], image_size=32)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network (every name lookup and connection is recorded and refused) and an empty download cache."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(101, "Network is unreachable (the test's)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "empty_cache"))
+    monkeypatch.delenv(download.DEADLINE_ENV, raising=False)
+    return attempts
+
+
+def test_offline_export_inputs(offline, small_npz, tmp_path, monkeypatch):
+    """With the network unreachable: a feature vector of a zoo name with local weights downloads nothing; its
+    classification takes "0".."N-1" with a note naming the URL and the alternatives; a bare .npz takes 224 with a
+    note; a .keras file without its folder's files is one line naming all that is missing."""
+    like_m_r50x1 = dataclasses.replace(zoo.CHECKPOINTS["BiT-M-R50x1"], name="BiT-M-R26x0.5", arch="R26x0.5")
+    monkeypatch.setitem(zoo.CHECKPOINTS, "BiT-M-R26x0.5", dataclasses.replace(like_m_r50x1, num_classes=10))
+    source = resolve_model("BiT-M-R26x0.5", weights=small_npz)
+    assert export_inputs(source, "feature_vector") == (None, None, [])
+    assert export_inputs(source, "feature_vector", format="onnx") == (None, 224, [])
+    export(source.model, tmp_path / "fv", "feature_vector")
+    assert offline == []  # no download attempted
+
+    start = time.monotonic()
+    class_names, image_size, (note,) = export_inputs(source, "classification")
+    assert time.monotonic() - start < 5 and len(offline) == 1  # one attempt, failed at once
+    assert (class_names, image_size) == ([str(i) for i in range(10)], 224)
+    url = zoo.LABEL_SOURCES["imagenet21k"]
+    assert note == (
+        f'class names "0".."9": {url}: connection error: [Errno 101] Network is unreachable (the test\'s); the label '
+        f"names of BiT-M-R26x0.5: pass --labels FILE, or put the file at {download.cached_path(url)} (the cache: "
+        "$BIT_KERAS_CACHE)"
+    )
+
+    shipped = resolve_model("BiT-R14x0.5-mnist5k")
+    assert export_inputs(shipped, "classification", "tflite") == ([str(i) for i in range(10)], 32, [])
+    bare = resolve_model(small_npz)
+    assert export_inputs(bare, "feature_vector", "onnx") == (
+        None,
+        224,
+        [
+            "image size 224, BiT's upstream resolution (r26x0_5_random records none): pass image_size (--image_size) "
+            "for another"
+        ],
+    )
+    with pytest.raises(ValueError, match=r"^r26x0_5_random: the export needs labels \(--labels FILE, one class"):
+        export_inputs(bare, "classification")
+    bare.model.save(tmp_path / "m.keras")
+    with pytest.raises(ValueError) as refused:
+        export_inputs(resolve_model(str(tmp_path / "m.keras")), "classification")
+    assert str(refused.value) == (
+        "m: the export needs labels (--labels FILE, one class name per line) and image_size (--image_size, the "
+        "side images are resized to)"
+    )
+    assert len(offline) == 1
+
+
+def test_label_download_fails_within_seconds(tmp_path, monkeypatch):
+    """A label server that accepts the connection and never answers: a one-line error after LABELS_DEADLINE_S."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/imagenet21k_wordnet_lemmas.txt"
+    monkeypatch.setitem(zoo.LABEL_SOURCES, "imagenet21k", url)
+    monkeypatch.setattr(zoo, "LABELS_DEADLINE_S", 1)
+    monkeypatch.delenv(download.DEADLINE_ENV, raising=False)
+    start = time.monotonic()
+    with pytest.raises(download.DownloadError, match=r"^http://127\.0\.0\.1:\d+/imagenet21k_wordnet_lemmas\.txt: "):
+        zoo.label_names("BiT-M-R50x1", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 5
+    silent.close()
 
 
 def test_with_new_head(small_npz):

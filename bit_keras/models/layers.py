@@ -7,21 +7,22 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from bit_keras.defaults import NORMALIZATIONS
+
 GN_GROUPS = 32  # BiT: 32 groups everywhere
 GN_EPSILON = 1e-5  # official BiT; Keras' GroupNormalization defaults to 1e-3 (moves logits by ~2e-4)
 WS_EPSILON = 1e-10  # official big_transfer code; timm uses 1e-8, big_vision's non-paper bit.py 1e-5
 BN_EPSILON = 1e-5  # only for the paper's BatchNorm ablation
 BN_MOMENTUM = 0.9
 
-NORMALIZATIONS = ("group", "batch")
-
 _PORTABLE = contextvars.ContextVar("bit_keras_portable_ops", default=False)
 
 
 @contextlib.contextmanager
 def portable_ops():
-    """Trace BiT layers with ops that are exact on every device: for graphs saved to run elsewhere
-    (`bit_keras.export` and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT model should too)."""
+    """Trace BiT layers with plain ops that are exact on every device and that every consumer runs (no fused
+    weight standardization, no XLA-compiled group norm): for graphs saved to run elsewhere (`bit_keras.export`
+    and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT model should too)."""
     token = _PORTABLE.set(True)
     try:
         yield
@@ -85,7 +86,8 @@ class GroupNorm(layers.Layer):
 
     Ours rather than Keras' `GroupNormalization`: that one computes the variance as E[x^2] - E[x]^2,
     which loses ~4e-5 of the logits in float32 on BiT's large-mean residual stream; this is two-pass,
-    and one XLA kernel. `relu=True` applies the ReLU that follows every GroupNorm in BiT in that kernel.
+    and one XLA kernel (plain ops under `portable_ops`). `relu=True` applies the ReLU that follows every
+    GroupNorm in BiT in that kernel.
     """
 
     def __init__(self, groups=GN_GROUPS, epsilon=GN_EPSILON, relu=False, **kwargs):
@@ -104,7 +106,9 @@ class GroupNorm(layers.Layer):
 
     def call(self, inputs):
         gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
-        return _group_norm(inputs, gamma, beta, self.groups, self.epsilon, self.relu, tf.as_dtype(self.compute_dtype))
+        # XLA-must-compile functions stop ONNX converters and TF Serving's GPU builds: the same ops, uncompiled.
+        group_norm = _group_norm.python_function if _PORTABLE.get() else _group_norm
+        return group_norm(inputs, gamma, beta, self.groups, self.epsilon, self.relu, tf.as_dtype(self.compute_dtype))
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -30,6 +30,7 @@ class ResolvedModel:
     labels_path: str | None = None  # a file of class names, one per line
     labels_source: str | None = None  # a zoo checkpoint whose label names apply
     cache_dir: str | None = None
+    spec_kind: str | None = None  # what was named (`kind_of`): "checkpoint", "npz", "keras", ...
 
     @functools.cached_property
     def class_names(self) -> list[str] | None:
@@ -139,7 +140,7 @@ def resolve_model(
     if labels is not None:
         labels_path, labels_source = labels, None
     image_size = found_size if image_size is None else image_size
-    return ResolvedModel(model, name, image_size, labels_path, labels_source, cache_dir)
+    return ResolvedModel(model, name, image_size, labels_path, labels_source, cache_dir, kind)
 
 
 def save_model(model: keras.Model, path: str) -> str:

@@ -1,14 +1,17 @@
-"""Top-k predictions for image files, with a classification export or anything the model resolver accepts."""
+"""Top-k predictions for image files, with a classification export (SavedModel, ONNX or TFLite file) or anything
+the model resolver accepts."""
 
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from bit_keras.checks import check_int
 from bit_keras.data import images as images_lib
 from bit_keras.data.pipeline import decode_and_resize
-from bit_keras.models.resolve import resolve_model
+from bit_keras.models.resolve import read_labels, resolve_model
+from bit_keras.serving import formats
 
 
 def predict(
@@ -23,7 +26,8 @@ def predict(
     """`[{"image": path, "predictions": [{"class", "label", "probability"}, ...]}, ...]`, best first.
 
     `model` is a classification export directory (its `serving_bytes` signature does the decoding,
-    resizing and label lookup, and returns at most the top-k it was exported with), or what
+    resizing and label lookup, and returns at most the top-k it was exported with), a classification `.onnx` or
+    `.tflite` file (its input side from the file, its class names from `NAME.labels.txt` beside it), or what
     `bit_keras.models.resolve.resolve_model` accepts (a `.keras` file, a run folder, a zoo checkpoint name, ...),
     preprocessed the same way: decoded to RGB, resized to `image_size` without keeping the aspect ratio.
     Unreadable image files, and those over `max_pixels` pixels, are a ValueError naming the file.
@@ -31,11 +35,12 @@ def predict(
     check_int("top_k", top_k)
     check_int("image_size", image_size)
     encoded = [read_image(path, max_pixels) for path in images]
-    if os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb")):
-        if labels or image_size:
-            raise ValueError(
-                f"{model} is an export: it has its own labels and image size (leave --labels/--image_size out)"
-            )
+    saved_model = os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb"))
+    if (saved_model or formats.file_format(model)) and (labels or image_size):
+        raise ValueError(
+            f"{model} is an export: it has its own labels and image size (leave --labels/--image_size out)"
+        )
+    if saved_model:
         signatures = tf.saved_model.load(model).signatures
         if "serving_bytes" not in signatures:
             raise ValueError(f"{model} is not a classification export (no serving_bytes signature)")
@@ -43,6 +48,19 @@ def predict(
         classes, names = out["classes"].numpy(), out["labels"].numpy()
         probabilities = out["probabilities"].numpy()
         names = [[n.decode() for n in row] for row in names]
+    elif formats.file_format(model):
+        loaded = formats.load(model)
+        if "probabilities" not in loaded.outputs:
+            raise ValueError(f"{model} is not a classification export (no probabilities output)")
+        names_path = formats.labels_path(model)
+        if not os.path.exists(names_path):
+            raise FileNotFoundError(f"{names_path} does not exist (the class names export writes beside {model})")
+        class_names = read_labels(names_path)
+        batch = tf.stack([decode_and_resize(data, loaded.image_size) for data in encoded]).numpy()
+        scores = loaded.run(batch)["probabilities"]
+        classes = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+        probabilities = np.take_along_axis(scores, classes, axis=1)
+        names = [[class_names[c] for c in row] for row in classes]
     else:
         source = resolve_model(model, labels=labels, image_size=image_size, cache_dir=cache_dir)
         if not source.model.num_classes:

@@ -1,0 +1,131 @@
+"""ONNX and TFLite exports of the shipped model, run by their real consumers (onnxruntime, TensorFlow Lite's
+interpreter) against the Keras model; `predict` on them; the checks that refuse a file."""
+
+import dataclasses
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bit_keras.models.resolve import resolve_model
+from bit_keras.serving import formats
+from bit_keras.serving.export import export
+from bit_keras.serving.predict import predict
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")]
+
+SHIPPED = "BiT-R14x0.5-mnist5k"  # in the package: offline, 32px, labels "0".."9"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return resolve_model(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def exported(shipped, tmp_path_factory):
+    """The shipped model's classification exports, {"onnx": path, "tflite": path}."""
+    root = tmp_path_factory.mktemp("formats")
+    return {
+        fmt: export(
+            shipped.model, root / f"digits.{fmt}", "classification", shipped.class_names, shipped.image_size, format=fmt
+        )
+        for fmt in formats.SUFFIXES
+    }
+
+
+def _outputs(path, images):
+    """`{output name: array}` of the file at `path` on `images`, run by onnxruntime or tf.lite.Interpreter."""
+    if path.endswith(".onnx"):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        assert [(i.name, i.shape[1:]) for i in session.get_inputs()] == [("images", [32, 32, 3])]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {"images": images})))
+    runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
+    assert list(runner.get_input_details()) == ["images"]
+    return runner(images=images)
+
+
+def test_files_match_keras(shipped, exported):
+    images = np.random.default_rng(5).uniform(size=(3, 32, 32, 3)).astype(np.float32)  # not the check's batch of 2
+    expected = shipped.model(images).numpy()
+    for path in exported.values():
+        outputs = _outputs(path, images)
+        assert sorted(outputs) == ["logits", "probabilities"], path
+        assert np.abs(outputs["logits"] - expected).max() <= 1e-5 * np.abs(expected).max(), path
+        np.testing.assert_allclose(outputs["probabilities"], tf.nn.softmax(expected).numpy(), atol=1e-6)
+        with open(formats.labels_path(path)) as f:
+            assert f.read().split() == [str(i) for i in range(10)]
+
+
+def test_predict_through_each_file(shipped, exported, tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i in (3, 7):  # 8x8 digits in 0..16, upscaled to 32x32 RGB as the bundled data
+        pixels = np.kron(digits.images[i] * (255 / 16), np.ones((4, 4))).astype(np.uint8)
+        paths.append(str(tmp_path / f"{i}.png"))
+        tf.io.write_file(paths[-1], tf.io.encode_png(np.repeat(pixels[..., None], 3, axis=-1)))
+    from_keras = predict(SHIPPED, paths, top_k=3)
+    for path in exported.values():
+        from_file = predict(path, paths, top_k=3)
+        for a, b in zip(from_file, from_keras):
+            assert a["image"] == b["image"] and len(a["predictions"]) == 3
+            assert a["predictions"][0]["label"] == b["predictions"][0]["label"], path
+            assert a["predictions"][0]["probability"] == pytest.approx(b["predictions"][0]["probability"], abs=1e-5)
+        with pytest.raises(ValueError, match="is an export: it has its own labels and image size"):
+            predict(path, paths, image_size=64)
+
+
+def test_feature_vector_file(shipped, tmp_path):
+    images = np.random.default_rng(6).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    expected = shipped.model.feature_extractor(["pre_logits"])(images)["pre_logits"].numpy()
+    path = export(shipped.model, tmp_path / "fv.tflite", format="tflite", image_size=32)
+    features = _outputs(path, images)["feature_vector"]
+    assert np.abs(features - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert not os.path.exists(formats.labels_path(path))
+    with pytest.raises(ValueError, match="is not a classification export"):
+        predict(path, [])
+
+
+def test_refused(shipped, tmp_path, monkeypatch):
+    model, names = shipped.model, shipped.class_names
+    with pytest.raises(ValueError, match=r"format='onnx' writes one file: out must end in \.onnx"):
+        export(model, tmp_path / "m.tflite", format="onnx", image_size=32)
+    with pytest.raises(ValueError, match=r"a classification tflite export needs 10 class names \(got none\) and "):
+        export(model, tmp_path / "m.tflite", "classification", format="tflite")
+    with pytest.raises(ValueError, match="over the 2 GiB of one ONNX file"):
+        monkeypatch.setattr(formats, "ONNX_LIMIT", 1000)
+        export(model, tmp_path / "m.onnx", format="onnx", image_size=32)
+    monkeypatch.undo()
+    mixed = resolve_model(SHIPPED, dtype="mixed_bfloat16", num_classes=10).model
+    with pytest.raises(ValueError, match="^format=.tflite. exports float32 models only: .* in mixed_bfloat16$"):
+        export(mixed, tmp_path / "m.tflite", format="tflite", image_size=32)
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # the extra not installed
+    with pytest.raises(ImportError, match=r'^ONNX export and prediction need tf2onnx: pip install "bit-keras\[onnx\]"'):
+        export(model, tmp_path / "m.onnx", format="onnx", image_size=32)
+    monkeypatch.undo()
+
+    real = formats.load
+
+    def off_by_one(path, fmt):  # a runtime that computes something else than the Keras model
+        loaded = real(path, fmt)
+        return dataclasses.replace(loaded, run=lambda images: {k: v + 1 for k, v in loaded.run(images).items()})
+
+    monkeypatch.setattr(formats, "load", off_by_one)
+    with pytest.raises(RuntimeError, match=r"m\.tflite: logits differs from the Keras model's by 1 \(allowed 5e-05"):
+        export(model, tmp_path / "m.tflite", "classification", names, 32, format="tflite")
+    assert os.listdir(tmp_path) == []  # neither the file nor a temporary
+    monkeypatch.undo()
+    path = export(model, tmp_path / "m.tflite", format="tflite", image_size=32)
+    with pytest.raises(FileExistsError, match="exists"):
+        export(model, path, format="tflite", image_size=32)
+    os.remove(path)
+    os.mkdir(path)
+    with pytest.raises(FileExistsError, match="exists and is a directory"):
+        export(model, path, format="tflite", image_size=32, overwrite=True)
