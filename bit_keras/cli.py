@@ -1,12 +1,20 @@
 """`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `pretrain`, `finetune-detector`,
-`export`, `predict`, `detect`)."""
+`export`, `predict`, `detect`).
+
+The parser is built from `bit_keras.defaults` alone, so that --help, --version and argument errors come without
+importing TensorFlow; `models` imports Keras and the zoo, the other subcommands every module (`bit_keras.load`)."""
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 
-TRAINING_FLAGS = ("command", "func", "recipe", "quiet")  # parsed arguments that are not keyword arguments of the recipe
+from bit_keras import defaults, startup
+
+# Parsed arguments that are not keyword arguments of the recipe.
+TRAINING_FLAGS = ("command", "func", "recipe", "quiet", "verbose")
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def _models(args):
@@ -53,17 +61,26 @@ def _convert(args):
 
 
 def _train(args):
-    """`finetune` or `pretrain`: the parsed flags are the function's keyword arguments."""
+    """`finetune`, `pretrain` or `finetune-detector`: the parsed flags are the keyword arguments of the function
+    `bit_keras.<args.recipe>`. The result line is printed also when --quiet; a finished run of the same configuration
+    is reported, not trained again."""
+    import bit_keras
+    from bit_keras.training import engine
+
     options = {k: v for k, v in vars(args).items() if k not in TRAINING_FLAGS}
-    args.recipe(**options, verbose=0 if args.quiet else 1)
+    try:
+        result = getattr(bit_keras, args.recipe)(**options, verbose=0 if args.quiet else 1)
+    except engine.FinishedRun as finished:
+        print(f"{engine.result_line(finished.metrics, finished.run_dir)} (finished before; --overwrite trains again)")
+        return
+    if args.quiet:
+        print(engine.result_line(result.metrics, result.run_dir))
 
 
 def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classification=True):
     """The flags of every training subcommand (`bit_keras.training.engine.RunOptions`); the arguments are the
     `(default, help)` of those whose default depends on the recipe (`dataset`: its help only). Detection
     (`classification=False`) reads no image folders and no manual tfds downloads."""
-    from bit_keras.training.strategy import STRATEGIES
-
     p.add_argument(
         "--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: from data and model)"
     )
@@ -88,7 +105,9 @@ def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classi
     p.add_argument("--base_lr", type=float, default=base_lr[0], help=base_lr[1])
     p.add_argument("--eval_every", type=int, default=eval_every[0], help=eval_every[1])
     p.add_argument("--resolution", type=int, default=resolution[0], help=resolution[1])
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)")
+    p.add_argument(
+        "--strategy", choices=defaults.STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)"
+    )
     p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
     p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA (not with Mirrored on CPU)")
@@ -99,20 +118,16 @@ def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classi
 
 
 def _add_max_pixels(p):
-    from bit_keras.data.images import MAX_PIXELS
-
     p.add_argument(
         "--max_pixels",
         type=int,
-        default=MAX_PIXELS,
-        help=f"refuse image files larger than this (default {MAX_PIXELS:,})",
+        default=defaults.MAX_PIXELS,
+        help=f"refuse image files larger than this (default {defaults.MAX_PIXELS:,})",
     )
 
 
 def _add_finetune(sub):
-    from bit_keras.training.finetune import EMBEDDED, TRAINABLE_FROM, finetune
-
-    embedded = ", ".join(f"{k} {v}" for k, v in EMBEDDED.items())
+    embedded = ", ".join(f"{k} {v}" for k, v in defaults.FINETUNE_EMBEDDED.items())
     p = sub.add_parser(
         "finetune",
         help="fine-tune a BiT model with the BiT-HyperRule",
@@ -141,45 +156,44 @@ def _add_finetune(sub):
     p.add_argument("--steps", type=int, default=None, help="total steps (the schedule scaled to fit)")
     p.add_argument("--mixup_alpha", type=float, default=None, help="MixUp alpha, replacing the HyperRule's")
     p.add_argument("--freeze_backbone", action="store_true", help="train only the head (a linear probe)")
-    p.add_argument("--trainable_from", choices=TRAINABLE_FROM, default=None, help="freeze everything before this")
+    p.add_argument(
+        "--trainable_from", choices=defaults.TRAINABLE_FROM, default=None, help="freeze everything before this"
+    )
     p.add_argument("--cache_dir", default=None, help="download cache directory")
-    p.set_defaults(func=_train, recipe=finetune)
+    p.set_defaults(func=_train, recipe="finetune")
 
 
 def _add_pretrain(sub):
-    from bit_keras.models.layers import NORMALIZATIONS
-    from bit_keras.training import upstream
-    from bit_keras.training.pretrain import pretrain
-
     p = sub.add_parser("pretrain", help="pretrain a BiT architecture from scratch with the paper's upstream recipe")
     p.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1 or R26x0.5 (default R50x1)")
     _add_run_flags(
         p,
         dataset="tensorflow-datasets name (e.g. imagenet2012) or a bundled one (digits, mnist5k)",
-        batch=(upstream.BATCH, f"default {upstream.BATCH}"),
-        base_lr=(upstream.BASE_LR, f"lr per 256 examples (default {upstream.BASE_LR})"),
+        batch=(defaults.UPSTREAM_BATCH, f"default {defaults.UPSTREAM_BATCH}"),
+        base_lr=(defaults.UPSTREAM_BASE_LR, f"lr per 256 examples (default {defaults.UPSTREAM_BASE_LR})"),
         eval_every=(None, "evaluate and checkpoint every N steps (default: an epoch)"),
         resolution=(224, "training crop and evaluation size (default 224)"),
     )
-    p.add_argument("--preset", choices=sorted(upstream.PRESETS), default="bit-m", help="epochs and decays")
+    p.add_argument("--preset", choices=sorted(defaults.UPSTREAM_PRESETS), default="bit-m", help="epochs and decays")
     p.add_argument("--epochs", type=int, default=None, help="replace the preset's epochs")
     p.add_argument("--decay_epochs", type=int, nargs="+", default=None, help="replace the preset's decay epochs")
     p.add_argument("--warmup_steps", type=int, default=None, help="default: 5000 steps of batch 4096, rescaled")
-    p.add_argument("--weight_decay", type=float, default=upstream.WEIGHT_DECAY, help="L2 on kernels (default 1e-4)")
-    p.add_argument("--normalization", choices=NORMALIZATIONS, default="group", help="group (BiT) or batch")
+    p.add_argument(
+        "--weight_decay", type=float, default=defaults.UPSTREAM_WEIGHT_DECAY, help="L2 on kernels (default 1e-4)"
+    )
+    p.add_argument("--normalization", choices=defaults.NORMALIZATIONS, default="group", help="group (BiT) or batch")
     p.add_argument(
         "--no_weight_standardization",
         dest="weight_standardization",
         action="store_false",
         help="plain convolutions (the paper's ablation)",
     )
-    p.set_defaults(func=_train, recipe=pretrain)
+    p.set_defaults(func=_train, recipe="pretrain")
 
 
 def _add_finetune_detector(sub):
-    from bit_keras.detection.finetune import DEFAULTS, EMBEDDED, finetune_detector
-
-    embedded = ", ".join(f"{k} {v}" for k, v in EMBEDDED.items())
+    paper = defaults.DETECTION_DEFAULTS
+    embedded = ", ".join(f"{k} {v}" for k, v in defaults.DETECTION_EMBEDDED.items())
     p = sub.add_parser(
         "finetune-detector",
         help="fine-tune a RetinaNet on a BiT backbone (the paper's detection transfer)",
@@ -191,26 +205,24 @@ def _add_finetune_detector(sub):
     p.add_argument(
         "--model",
         default=None,
-        help=f"the backbone: checkpoint name (default {DEFAULTS['model']}), "
+        help=f"the backbone: checkpoint name (default {paper['model']}), "
         "official .npz path/URL, architecture (from scratch) or .keras BiT",
     )
     _add_run_flags(
         p,
         dataset="coco/2017, voc/2007 or voc/2012 (tensorflow-datasets) or digit-canvases",
-        batch=(None, f"paper: {DEFAULTS['batch']}"),
-        base_lr=(None, f"learning rate at batch 256 (paper: {DEFAULTS['base_lr']})"),
+        batch=(None, f"paper: {paper['batch']}"),
+        base_lr=(None, f"learning rate at batch 256 (paper: {paper['base_lr']})"),
         eval_every=(None, "evaluate (test loss, COCO AP) and checkpoint every N steps (default: a tenth of the run)"),
-        resolution=(None, f"square input side, a multiple of 128 (paper: {DEFAULTS['resolution']})"),
+        resolution=(None, f"square input side, a multiple of 128 (paper: {paper['resolution']})"),
         classification=False,
     )
     p.add_argument("--coco_folder", default=None, help="a COCO-format folder: images and annotations/instances*.json")
-    p.add_argument("--epochs", type=float, default=None, help=f"epochs (paper: {DEFAULTS['epochs']})")
+    p.add_argument("--epochs", type=float, default=None, help=f"epochs (paper: {paper['epochs']})")
     p.add_argument("--steps", type=int, default=None, help="total steps, replacing what the epochs give")
-    p.add_argument("--fpn_channels", type=int, default=None, help=f"pyramid width (paper: {DEFAULTS['fpn_channels']})")
-    p.add_argument("--head_channels", type=int, default=None, help=f"subnet width (paper: {DEFAULTS['head_channels']})")
-    p.add_argument(
-        "--head_depth", type=int, default=None, help=f"subnet convolutions (paper: {DEFAULTS['head_depth']})"
-    )
+    p.add_argument("--fpn_channels", type=int, default=None, help=f"pyramid width (paper: {paper['fpn_channels']})")
+    p.add_argument("--head_channels", type=int, default=None, help=f"subnet width (paper: {paper['head_channels']})")
+    p.add_argument("--head_depth", type=int, default=None, help=f"subnet convolutions (paper: {paper['head_depth']})")
     p.add_argument(
         "--head_norm",
         action=argparse.BooleanOptionalAction,
@@ -220,7 +232,7 @@ def _add_finetune_detector(sub):
     p.add_argument("--freeze_backbone", action="store_true", help="train only the pyramid and the subnets")
     p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
     p.add_argument("--cache_dir", default=None, help="download cache directory")
-    p.set_defaults(func=_train, recipe=finetune_detector)
+    p.set_defaults(func=_train, recipe="finetune_detector")
 
 
 def _detect(args):
@@ -236,11 +248,14 @@ def _detect(args):
 
 def _export(args):
     from bit_keras.models.resolve import kind_of, resolve_model
-    from bit_keras.serving.export import export
+    from bit_keras.serving import formats
+    from bit_keras.serving.export import export, export_inputs
 
     if (args.run is None) == (args.model is None):
         raise ValueError("give exactly one of --model (a name, .npz or .keras file) and --run (a run folder)")
     if args.run is not None and _is_detection_run(args.run):
+        if args.format != "saved_model":
+            raise ValueError(f"{args.run} is a detection run: it exports as a SavedModel only (drop --format)")
         _export_detector(args)
         return
     random = args.model is not None and kind_of(args.model) == "architecture" and args.weights is None
@@ -258,12 +273,13 @@ def _export(args):
         cache_dir=args.cache_dir,
     )
     kind = args.kind or ("classification" if source.model.num_classes else "feature_vector")
-    class_names = source.class_names if kind == "classification" else None  # read (or downloaded) only when needed
-    if kind == "classification" and class_names is None:
-        raise ValueError(f"no class names for {source.name}: pass --labels FILE (one name per line)")
-    out = args.out or os.path.join("exports", source.name, kind)
-    out = export(source.model, out, kind, class_names, source.image_size, top_k=args.top_k, overwrite=args.overwrite)
-    print(f"wrote {out}: {kind} export of {source.name}" + (" (random weights)" if random else ""))
+    class_names, image_size, notes = export_inputs(source, kind, args.format)  # labels only for a classifier
+    for note in notes:
+        print(f"bit-keras export: note: {note}", file=sys.stderr)
+    out = args.out or os.path.join("exports", source.name, kind) + formats.SUFFIXES.get(args.format, "")
+    out = export(source.model, out, kind, class_names, image_size, args.top_k, args.overwrite, format=args.format)
+    what = kind if args.format == "saved_model" else f"{kind} {args.format}"
+    print(f"wrote {out}: {what} export of {source.name}" + (" (random weights)" if random else ""))
 
 
 def _is_detection_run(folder):
@@ -310,8 +326,22 @@ def _predict(args):
             print(f"  {rank}. {p['label']:<{width}}  {p['probability']:.4f}  (class {p['class']})")
 
 
+class _Version(argparse.Action):
+    """`--version`: the installed package's version."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {importlib.metadata.version('bit-keras')}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bit-keras", description="Big Transfer (BiT) for Keras 3.")
+    parser.add_argument("--version", action=_Version)
+    verbose = f"show TensorFlow's start-up and native log lines (also {startup.VERBOSE}=1)"
+    parser.add_argument("--verbose", action="store_true", help=verbose)
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="print the model zoo table")
@@ -344,7 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: classification when the model has a head",
     )
-    export.add_argument("--out", default=None, help="output directory (default: exports/NAME/KIND)")
+    export.add_argument(
+        "--format",
+        choices=defaults.EXPORT_FORMATS,
+        default="saved_model",
+        help="saved_model (TF-Hub style, default), or one .onnx / .tflite file, checked against the Keras model "
+        "(needs bit-keras[onnx] for onnx)",
+    )
+    export.add_argument(
+        "--out", default=None, help="output directory or file (default: exports/NAME/KIND[.onnx|.tflite])"
+    )
     export.add_argument("--labels", default=None, help="class names file, one per line (classification)")
     export.add_argument("--image_size", type=int, default=None, help="side the bytes signature resizes images to")
     export.add_argument("--top_k", type=int, default=5, help="classes the bytes signature returns (default 5)")
@@ -353,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     predict = sub.add_parser("predict", help="top-k classes of image files")
-    predict.add_argument("--model", required=True, help="classification export directory, .keras file or checkpoint")
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="classification export (directory, .onnx or .tflite file), .keras file, run folder or checkpoint",
+    )
     predict.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP)")
     predict.add_argument("--top_k", type=int, default=5, help="classes per image (default 5)")
     predict.add_argument("--labels", default=None, help="class names file for a .keras model without class_names.txt")
@@ -371,26 +414,48 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_max_pixels(detect)
     detect.set_defaults(func=_detect)
+    for command in sub.choices.values():  # --verbose after the subcommand too
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import tensorflow as tf
-
-    from bit_keras.startup import quiet_native_stderr
-
-    with quiet_native_stderr():
-        tf.config.list_logical_devices()  # TensorFlow's device start-up lines (a failed cuInit on CPU hosts)
+    if args.verbose:
+        os.environ[startup.VERBOSE] = "1"
     try:
+        if args.func is not _models:
+            _load()
         args.func(args)
-    except (ValueError, OSError, ImportError, FloatingPointError) as err:  # CheckpointError, DownloadError, ...
+    except KeyboardInterrupt as stop:  # a run's (engine.RunStopped) says where the same command resumes it
+        print(f"bit-keras {args.command}: {stop.args[0] if stop.args else 'stopped (Ctrl-C)'}", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # `bit-keras models | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as err:  # CheckpointError, ...
         print(f"bit-keras {args.command}: {err}", file=sys.stderr)
         return 1
-    except tf.errors.OpError as err:  # e.g. an image whose body does not decode, met during training
+    except Exception as err:
+        tf = sys.modules.get("tensorflow")
+        if tf is None or not isinstance(err, tf.errors.OpError):
+            raise
+        # e.g. an image whose body does not decode, met during training
         print(f"bit-keras {args.command}: {type(err).__name__}: {err.message.splitlines()[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _load() -> None:
+    """Every bit_keras module (its Keras classes registered: the subcommands load `.keras` files) and TensorFlow's
+    devices, their start-up lines silenced unless --verbose."""
+    import bit_keras
+
+    bit_keras.load()
+    import tensorflow as tf
+
+    with startup.quiet_native_stderr():
+        tf.config.list_logical_devices()  # TensorFlow's device start-up lines (a failed cuInit on CPU hosts)
 
 
 if __name__ == "__main__":

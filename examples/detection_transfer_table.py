@@ -1,12 +1,15 @@
 """The BiT paper's detection transfer in small: a RetinaNet on a pretrained BiT backbone vs the same architecture
 from scratch, on the embedded digit canvases, with the same budget.
 
-    python examples/detection_transfer_table.py                                         # the shipped backbone
-    python examples/detection_transfer_table.py --pretrained runs/NAME/checkpoint.npz   # yours, from `pretrain`
+    python examples/detection_transfer_table.py                  # the shipped backbone
+    python examples/detection_transfer_table.py --pretrained runs/BiT-R14x0.5-mnist5k/checkpoint.npz   # yours: the run
+        # folder examples/pretrain_shipped_model.sh writes (every `bit-keras pretrain` run has a checkpoint.npz)
 
 Each run is `bit_keras.detection.finetune.finetune_detector` with the embedded settings (128px canvases, batch
 16, 24 epochs, the 64-channel pyramid and heads with group norm, base lr 0.32 at batch 256), differing only in
-the backbone's initialization (the checkpoint, or its architecture with random weights) and the seed. Prints
+the backbone's initialization (the checkpoint, or its architecture with random weights) and the seed, in the run
+folders `--logdir`/`seedS-run0` (the checkpoint) and `seedS-run1` (from scratch), default
+`runs/detection_transfer/seed0-run0`, .... Prints
 mean +- std of COCO AP and AP50 over the seeds as a Markdown table, beside the paper's COCO numbers, and writes
 it to `--out`.
 """

@@ -1,13 +1,15 @@
 """A few-shot transfer table like the BiT paper's: pretrained-then-fine-tuned vs the same architecture from scratch.
 
-    python examples/few_shot_table.py                                         # the shipped BiT-R14x0.5-mnist5k
-    python examples/few_shot_table.py --pretrained runs/NAME/checkpoint.npz   # yours, from `bit-keras pretrain`
+    python examples/few_shot_table.py                  # the shipped BiT-R14x0.5-mnist5k
+    python examples/few_shot_table.py --pretrained runs/BiT-R14x0.5-mnist5k/checkpoint.npz   # yours: the run
+        # folder examples/pretrain_shipped_model.sh writes (every `bit-keras pretrain` run has a checkpoint.npz)
 
 For each number of examples per class and each seed, fine-tunes on that few-shot draw of the embedded digits
 (`bit_keras.finetune` with the embedded settings: 32px crops, batch 64, 500 steps) once from the pretrained
 checkpoint (a new zero head) at each `--pretrained_lrs` base lr (default: the HyperRule's 0.003 and the embedded
 default's 0.03) and once from scratch (the checkpoint's architecture with random weights, base lr 0.1, tuned for
-training from scratch), with the same budget.
+training from scratch), with the same budget. Each run's folder is `--logdir`/`Kshot-seedS-runI` (default
+`runs/few_shot/1shot-seed0-run0`, ...: K examples per class, seed S, the I-th column of the table).
 Prints mean +- std of the test accuracy over the seeds as a Markdown table, and writes it to `--out`.
 """
 

@@ -7,8 +7,8 @@ each replica sees a tiny batch.
 Pretrains the same small architecture (R26x0.5) from scratch with `bit_keras.pretrain` (the upstream
 recipe, scaled down) on scikit-learn's bundled digits, under MirroredStrategy over 2 logical CPU devices
 with `--per_replica_batch` examples per replica (2 by default; BatchNorm normalizes over those only), once
-with GN+WS (BiT) and once with BN and plain convolutions. Prints both test accuracies and saves their
-curves to `--out` (a PNG).
+with GN+WS (BiT) and once with BN and plain convolutions, in the run folders `runs/ablation/group` and
+`runs/ablation/batch` (`--logdir`). Prints both test accuracies and saves their curves to `--out` (a PNG).
 """
 
 import argparse

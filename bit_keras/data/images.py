@@ -8,9 +8,11 @@ import threading
 import tensorflow as tf
 from PIL import Image
 
+from bit_keras.defaults import MAX_PIXELS  # re-exported: images.MAX_PIXELS
+
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-MAX_PIXELS = 100_000_000  # the default limit on an image's pixels: a 1 MB PNG can decode to gigabytes
+
 _FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # those of IMAGE_EXTENSIONS: Pillow alone would also open WebP, TIFF, ...
 _DECODABLE = (*_FORMATS, "WEBP")  # what tf.io.decode_image also reads
 _PILLOW_LIMIT = threading.Lock()

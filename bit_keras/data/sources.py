@@ -4,10 +4,13 @@ Each returns a `Data` whose splits are unbatched `(image uint8 [H, W, 3], label 
 not preprocessed (`bit_keras.data.pipeline` batches them).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import socket
+import urllib.parse
 
 import numpy as np
 import tensorflow as tf
@@ -15,6 +18,7 @@ import tensorflow as tf
 from bit_keras.data import images as images_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
+PROBE_S = 5  # a tfds download starts only once each of its hosts answers within this many seconds
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +77,9 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
     """A TensorFlow Datasets dataset with `(image, label)` supervised keys, prepared on first use.
 
     `num_train` comes from the dataset's split metadata, or is counted (without decoding images) when
-    that is missing, e.g. offline. Grayscale images are converted to RGB.
+    that is missing, e.g. offline. Grayscale images are converted to RGB. A dataset not prepared yet is downloaded
+    only once its download hosts (or the proxy to them) answer: offline, the error comes in seconds and names the
+    alternatives, rather than after minutes of retries; a failed download leaves no empty folder it created.
     """
     import tensorflow_datasets as tfds
 
@@ -81,7 +87,23 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
         raise ValueError(f"unknown tensorflow-datasets dataset {name!r} (tfds.list_builders() lists them)") from None
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    # tfds calls this as a download starts: not for a prepared dataset, nor under tfds.testing.mock_data.
+    announce = builder._log_download_bytes
+
+    def check_then_announce():
+        _check_reachable(name, builder.url_infos or {})
+        announce()
+
+    builder._log_download_bytes = check_then_announce
+    created = _missing_folders(os.fspath(builder.data_path), os.path.join(builder.data_dir_root, "downloads"))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except BaseException:
+        for top in created:
+            for folder, _, _ in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):  # not empty: something was downloaded
+                    os.rmdir(folder)
+        raise
     info = builder.info
     keys = info.supervised_keys
     if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
@@ -113,6 +135,39 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
     return Data(
         train, load(test_split), list(class_names), num_train, size_source, image_size, name, fingerprint=fingerprint
     )
+
+
+def _check_reachable(name, urls):
+    """A one-line `ConnectionError` naming `name` and the offline alternatives unless every host of `urls` (or the
+    proxy the environment names for it, as `requests` would use) accepts a connection within `PROBE_S` seconds."""
+    import requests
+
+    origins = {urllib.parse.urlsplit(url)._replace(path="", query="", fragment="").geturl() for url in urls}
+    for origin in sorted(origins):
+        proxy = requests.utils.select_proxy(origin, requests.utils.get_environ_proxies(origin))
+        address = urllib.parse.urlsplit(proxy or origin)
+        port = address.port or {"http": 80, "ftp": 21}.get(address.scheme, 443)
+        try:
+            socket.create_connection((address.hostname, port), timeout=PROBE_S).close()
+        except OSError as err:
+            host = f"{address.hostname}:{port}" + (f" (the proxy for {origin})" if proxy else "")
+            raise ConnectionError(
+                f"{name} is not prepared and cannot be downloaded: {host} does not answer ({err.strerror or err}); "
+                f"offline, point --data_dir at a folder where {name} is prepared or --manual_dir at its downloaded "
+                "files, or use --image_folder"
+            ) from None
+
+
+def _missing_folders(*paths):
+    """For each path, its highest ancestor (or itself) that does not exist: the folders a download would create."""
+    tops = set()
+    for path in paths:
+        top = None
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            top, path = path, os.path.dirname(path)
+        if top is not None:
+            tops.add(top)
+    return sorted(tops)
 
 
 def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX_PIXELS):

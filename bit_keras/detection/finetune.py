@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from bit_keras.checks import check_finite, check_int
 from bit_keras.data.images import MAX_PIXELS
+from bit_keras.defaults import DETECTION_DEFAULTS as DEFAULTS  # the paper's recipe
+from bit_keras.defaults import DETECTION_EMBEDDED as EMBEDDED  # with no data given: the digit canvases, minutes
 from bit_keras.detection import data as data_lib
 from bit_keras.detection import evaluation, pipeline, retinanet
 from bit_keras.detection.objective import FocalLoss
@@ -22,16 +24,9 @@ from bit_keras.training.run_folder import RunFolder, RunResult
 
 # The paper's COCO recipe (the standard RetinaNet one): 30 epochs of batch 256 at 1024px,
 # SGD momentum 0.9, lr 0.08 divided by 10 at epochs 16 and 22, weight decay 1e-4.
-EPOCHS, BATCH, BASE_LR, DECAY_EPOCHS = 30, 256, 0.08, (16, 22)
-MOMENTUM, WEIGHT_DECAY, IMAGE_SIZE = 0.9, 1e-4, 1024
+EPOCHS, BATCH, BASE_LR, IMAGE_SIZE = (DEFAULTS[k] for k in ("epochs", "batch", "base_lr", "resolution"))
+DECAY_EPOCHS, MOMENTUM, WEIGHT_DECAY = (16, 22), 0.9, 1e-4
 WARMUP_STEPS = 500  # linear warmup (Detectron's RetinaNet; the paper does not say), at most a tenth of the run
-DEFAULTS = {"model": "BiT-M-R50x1", "batch": BATCH, "base_lr": BASE_LR, "resolution": IMAGE_SIZE, "epochs": EPOCHS}
-DEFAULTS |= {"fpn_channels": 256, "head_channels": 256, "head_depth": 4, "head_norm": False}  # the paper's
-# With no data given: the digit canvases, the small BiT shipped in the package, a small pyramid and heads (64
-# channels, 2 convolutions) so that the run takes minutes on 2 CPU cores, group norm in the heads and 4x the
-# paper's lr (the README's detection section has the tuning runs).
-EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 16, "base_lr": 0.32, "resolution": 128, "epochs": 24}
-EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2, "head_norm": True}
 GRID_IMAGES = 8  # test images drawn in detections.png
 
 
@@ -184,6 +179,8 @@ class DetectionRecipe(engine.Recipe):
             raise ValueError("give either a detection dataset or a COCO folder, not both")
         check_int("steps", self.steps)
         check_finite("epochs", self.epochs, positive=True)
+        if self.steps is not None:
+            detection_rule(1, 1, 1.0, 1.0, self.steps)  # the schedule's own checks (steps >= 4), before any download
         retinanet.check_options(
             options.resolution,
             self.fpn_channels,

@@ -18,7 +18,6 @@ class FocalLoss(Objective):
     and `box_loss`."""
 
     name = "coco_ap"  # the run's result is COCO AP, which `bit_keras.detection.finetune` adds at each evaluation
-    headline = "test_ap"
 
     def __init__(self, alpha: float = ALPHA, gamma: float = GAMMA, box_beta: float = BOX_BETA):
         self.alpha, self.gamma, self.box_beta = alpha, gamma, box_beta

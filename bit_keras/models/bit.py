@@ -12,19 +12,12 @@ from bit_keras.models.layers import (
     norm_relu_layer,
     portable_ops,
 )
+from bit_keras.models.zoo import channels
 
 FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
 # Float32 weights computing in float32 or (mixed precision) bfloat16/float16; pure float16, bfloat16 or float64
 # weights are refused (GroupNorm and weight standardization are not built for them).
 POLICIES = (None, "float32", "mixed_bfloat16", "mixed_float16")
-
-
-def channels(width, base=64):
-    """`base * width` as an int, refusing widths that do not give whole channel counts."""
-    value = base * width
-    if value != int(value) or value < 1:
-        raise ValueError(f"width={width} gives {value} channels from {base}: choose a width with whole channels")
-    return int(value)
 
 
 def check_policy(dtype) -> str | None:

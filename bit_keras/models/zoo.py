@@ -5,9 +5,12 @@ import difflib
 import json
 import os
 import re
+from typing import TYPE_CHECKING
 
-from bit_keras.models import checkpoint, download
-from bit_keras.models.bit import BiT, channels
+from bit_keras.models import download
+
+if TYPE_CHECKING:
+    from bit_keras.models.bit import BiT
 
 BUCKET = "https://storage.googleapis.com/bit_models"
 BLOCK_UNITS = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -24,6 +27,7 @@ LABEL_SOURCES = {
     # "0" ... "9", shipped with the small model pretrained on MNIST digits.
     "digits": os.path.join(WEIGHTS_DIR, "digits_labels.txt"),
 }
+LABELS_DEADLINE_S = 10  # a label file (under 1 MB) downloads in seconds, or the network is unreachable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,8 @@ CHECKPOINTS = _registry()
 
 def architecture_name(spec: str) -> str:
     """The architecture ("R14x0.5") of a zoo checkpoint name or an official-layout `.npz` file."""
+    from bit_keras.models import checkpoint
+
     if spec in CHECKPOINTS:
         return CHECKPOINTS[spec].arch
     units, width = checkpoint.architecture_of(checkpoint.read_npz(spec), spec)
@@ -137,6 +143,14 @@ def list_models(pretrained_only: bool = False) -> list[str]:
     return list(CHECKPOINTS) + ([] if pretrained_only else list(ARCHITECTURES))
 
 
+def channels(width, base=64):
+    """`base * width` as an int, refusing widths that do not give whole channel counts."""
+    value = base * width
+    if value != int(value) or value < 1:
+        raise ValueError(f"width={width} gives {value} channels from {base}: choose a width with whole channels")
+    return int(value)
+
+
 def parameter_count(arch: str, num_classes: int = 0) -> int:
     """Parameters of an architecture with GN + WS, computed from its layer shapes without building it."""
     block_units, width = parse_architecture(arch)
@@ -163,7 +177,7 @@ def create_model(
     cache_dir: str | None = None,
     progress: bool = True,
     **kwargs,
-) -> BiT:
+) -> "BiT":
     """Build a BiT model, optionally loading official weights.
 
     Args:
@@ -176,6 +190,9 @@ def create_model(
         cache_dir: download cache (default `$BIT_KERAS_CACHE` or `~/.keras/bit_keras`).
         **kwargs: passed to `BiT` (`normalization`, `weight_standardization`, `dtype`, `input_shape`, `name`).
     """
+    from bit_keras.models import checkpoint  # Keras and TensorFlow: not for `bit-keras models`
+    from bit_keras.models.bit import BiT
+
     name_or_arch = str(name_or_arch)
     entry = CHECKPOINTS.get(name_or_arch)
     from_file = entry is None and _is_checkpoint_file(name_or_arch)
@@ -227,6 +244,8 @@ def create_model(
 def _read_weights(source, cache_dir, progress):
     """The arrays of a checkpoint path or URL (SHA-256 checked for a registry URL); a download that is no
     readable `.npz` is removed from the cache, and fetched once more when it was there before."""
+    from bit_keras.models import checkpoint
+
     sha256 = next((e.sha256 for e in CHECKPOINTS.values() if e.url == source), None)
     if not download.is_url(source):  # a local file is the user's: never removed
         return checkpoint.read_npz(download.fetch(source, sha256=sha256))
@@ -243,11 +262,23 @@ def _read_weights(source, cache_dir, progress):
 
 
 def label_names(name_or_source: str, cache_dir: str | None = None, progress: bool = True) -> list[str]:
-    """Class names of a checkpoint's head (or of a label source: `"imagenet1k"`, `"imagenet21k"`)."""
+    """Class names of a checkpoint's head (or of a label source: `"imagenet1k"`, `"imagenet21k"`).
+
+    A label file not in the cache is downloaded within `LABELS_DEADLINE_S` (or `$BIT_KERAS_DOWNLOAD_DEADLINE`),
+    so that an unreachable network fails in seconds with a `DownloadError` naming the URL and the alternatives.
+    """
     source = CHECKPOINTS[name_or_source].labels if name_or_source in CHECKPOINTS else name_or_source
     if source not in LABEL_SOURCES:
         raise ValueError(f"no label names for {name_or_source!r}: use a checkpoint name or {list(LABEL_SOURCES)}")
-    path = download.fetch(LABEL_SOURCES[source], cache_dir=cache_dir, progress=progress)
+    url = LABEL_SOURCES[source]
+    deadline = None if os.environ.get(download.DEADLINE_ENV) else LABELS_DEADLINE_S
+    try:
+        path = download.fetch(url, cache_dir=cache_dir, progress=progress, deadline_s=deadline)
+    except download.DownloadError as err:
+        raise download.DownloadError(
+            f"{err}; the label names of {name_or_source}: pass --labels FILE, or put the file at "
+            f"{download.cached_path(url, cache_dir)} (the cache: ${download.CACHE_ENV})"
+        ) from err
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
             index = json.load(f)

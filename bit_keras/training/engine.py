@@ -9,11 +9,13 @@ checkpoints, the log, the final files.
 """
 
 import abc
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -21,15 +23,30 @@ from typing import Protocol
 import keras
 import numpy as np
 import tensorflow as tf
+import tqdm
 
 from bit_keras.checks import check_finite, check_int
 from bit_keras.data import images, sources
 from bit_keras.training import logs
-from bit_keras.training.run_folder import RunFolder, RunResult, strict_json
+from bit_keras.training.run_folder import RunFolder, RunResult, headline_metric, strict_json
 from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
 from bit_keras.training.trainer import Objective, Trainer, mixed_precision_policy
 
 log = logging.getLogger(__name__)
+
+
+class FinishedRun(ValueError):
+    """The run folder holds a finished run of this configuration: it is not trained again (`--overwrite` does)."""
+
+    def __init__(self, run: RunFolder, metrics: dict):
+        super().__init__(
+            f"{run.path} holds a finished run ({run.metrics_path}); choose another --name or pass --overwrite"
+        )
+        self.run_dir, self.metrics = run.path, metrics
+
+
+class RunStopped(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the same command resumes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +219,10 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         name = plan.name if options.name is None else options.name
         run = RunFolder(os.path.join(options.logdir, name), chief=is_chief(strategy))
         run.refuse_foreign()
-        with run.locked():  # one run per folder, for the whole run
-            run.prepare(config, options.overwrite)
+        with run.locked(), _stoppable(run):  # one run per folder, for the whole run
+            finished = run.prepare(config, options.overwrite)
+            if finished is not None:
+                raise FinishedRun(run, finished)
             keras.utils.set_random_seed(options.seed)  # the initialization of layers trained from scratch
             with strategy.scope():
                 model = recipe.build_model(data, plan, options)
@@ -228,7 +247,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
             if state:
                 log.info(f"resuming from step {state['step']} ({os.path.join(run.checkpoint_dir, state['weights'])})")
             try:
-                state = _fit(run, trainer, recipe, data, plan, options, state)
+                state = _fit(run, trainer, recipe, data, plan, options, state, progress=run_log.progress)
             except tf.errors.InvalidArgumentError as err:
                 named = data.decode_error(err)
                 if named is err:
@@ -256,10 +275,32 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
             if run.chief:
                 recipe.save_artifacts(run, model, data, plan)
                 run.finish(model, data.class_names, metrics)
-            value = metrics[objective.headline]  # None if it was not a finite number
-            result = f"{objective.headline.replace('_', ' ')} {'-' if value is None else f'{value:.4f}'}"
-            log.info(f"{result} after {rule.steps} steps; run folder {run.path}")
+            log.info(result_line(metrics, run.path))
     return RunResult(model, metrics, run.path)
+
+
+def result_line(metrics: dict, run_dir: str) -> str:
+    """What a run reports at its end (and when it is run again): its headline test score (COCO AP for detection,
+    else accuracy), steps and folder."""
+    headline = headline_metric(metrics)
+    value = metrics[headline]  # None if it was not a finite number
+    score = "-" if value is None else f"{value:.4f}"
+    return f"{headline.replace('_', ' ')} {score} after {metrics['steps']} steps; run folder {run_dir}"
+
+
+@contextlib.contextmanager
+def _stoppable(run: RunFolder):
+    """Ctrl-C inside the block becomes a `RunStopped` saying where the same command resumes the run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        state = run.state() if run.chief else None
+        where = (
+            f"resumes it from the checkpoint of step {state['step']}"
+            if state
+            else "starts it again (no checkpoint was written yet)"
+        )
+        raise RunStopped(f"stopped (Ctrl-C); the same command {where} in {run.path}") from None
 
 
 class RunCallback(keras.callbacks.Callback):
@@ -268,8 +309,9 @@ class RunCallback(keras.callbacks.Callback):
     At every epoch end (every `eval_every` steps) it appends `{step, test_loss, train_loss, learning_rate}`,
     `test_X` and `train_X` for each of the objective's scores X (classification: accuracy, precision@1 for
     multi-label data) and what `evaluate()` returns (detection: test_ap, ...) to `evals`, adds
-    `learning_rate` to the logs (list it before TensorBoard), logs one line and saves the checkpoint.
-    Training throughput is timed without evaluation.
+    `learning_rate` to the logs (list it before TensorBoard), saves the checkpoint and logs one line:
+    `step S/TOTAL: train loss L, X x; test loss L, X x; lr R; N images/s, ETA H:MM:SS` (training throughput since
+    the previous evaluation, timed without evaluating; the ETA from that interval's pace, evaluation included).
     """
 
     def __init__(
@@ -320,8 +362,9 @@ class RunCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         step = self._step()
-        self.train_s += self._epoch_train_s or (time.perf_counter() - self._epoch_start)
-        self.trained_images += (step - self._epoch_first_step) * self.batch_size
+        steps, train_s = step - self._epoch_first_step, self._epoch_train_s or (time.perf_counter() - self._epoch_start)
+        self.train_s += train_s
+        self.trained_images += steps * self.batch_size
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["learning_rate"] = learning_rate
         objective = self.model.objective
@@ -334,8 +377,12 @@ class RunCallback(keras.callbacks.Callback):
         train = ", ".join([f"train loss {entry['train_loss']:.4f}"] + [f"{k} {v:.4f}" for k, v in train.items()])
         test = {"loss": entry["test_loss"], **test, **{k.removeprefix("test_"): v for k, v in extra.items()}}
         test = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in test.items())
-        log.info(f"step {step}/{self.total_steps}: {train}; test {test}; lr {learning_rate:.4g}")
-        self.run.save(self.model, self.state(step))
+        pace = f"{steps * self.batch_size / train_s:,.0f} images/s"
+        if steps and step < self.total_steps:
+            left = round((time.perf_counter() - self._epoch_start) / steps * (self.total_steps - step))
+            pace += f", ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+        self.run.save(self.model, self.state(step))  # first: a run stopped after this line resumes from here
+        log.info(f"step {step}/{self.total_steps}: {train}; test {test}; lr {learning_rate:.4g}; {pace}")
 
     def state(self, step: int) -> dict:
         return {
@@ -350,24 +397,52 @@ class RunCallback(keras.callbacks.Callback):
         return int(self.model.optimizer.iterations.numpy())
 
 
-def _fit(run: RunFolder, trainer: Trainer, recipe: Recipe, data, plan: Plan, options: RunOptions, state) -> dict:
+class ProgressBar(keras.callbacks.Callback):
+    """One progress bar over the whole run (steps, rate, ETA, the running train loss and scores), for a terminal;
+    log lines go above it (`bit_keras.training.logs`). `close()` it when training ends, however it ends."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        super().__init__()
+        self.bar = tqdm.tqdm(
+            total=total_steps, initial=start_step, unit="step", file=sys.stdout, dynamic_ncols=True, leave=False
+        )
+
+    def on_train_batch_end(self, batch, logs=None):
+        values = sorted((logs or {}).items(), key=lambda item: item[0] != "loss")  # the loss first
+        self.bar.set_postfix_str(", ".join(f"{k} {np.asarray(v).reshape(-1)[0]:.4f}" for k, v in values), refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _fit(
+    run: RunFolder, trainer: Trainer, recipe: Recipe, data, plan: Plan, options: RunOptions, state, progress: bool
+) -> dict:
     """Train to the rule's steps, evaluating and checkpointing every `eval_every` steps, resuming from `state`
-    (`RunFolder.restore`); returns the final state."""
+    (`RunFolder.restore`), with a `ProgressBar` when `progress`; returns the final state. The output is the log's
+    (one line per evaluation), never Keras' progress bar."""
     steps, eval_every = plan.rule.steps, options.eval_interval(plan.rule)
     start_step = state["step"] if state else 0
     if start_step >= steps:
         return state
     callback = RunCallback(run, steps, plan.rule.batch, state, lambda: recipe.evaluate(trainer.model, data, plan))
-    trainer.fit(
-        recipe.train_batches(data, plan, options, start_step),
-        epochs=math.ceil(steps / eval_every),
-        initial_epoch=start_step // eval_every,
-        steps_per_epoch=eval_every,
-        validation_data=recipe.test_batches(data, plan, options),
-        shuffle=False,  # the batches come shuffled
-        callbacks=[callback, keras.callbacks.TensorBoard(run.tensorboard_dir)],
-        verbose=options.verbose,
-    )
+    callbacks = [callback, keras.callbacks.TensorBoard(run.tensorboard_dir)]
+    bar = ProgressBar(steps, start_step) if progress else None
+    try:
+        trainer.fit(
+            recipe.train_batches(data, plan, options, start_step),
+            epochs=math.ceil(steps / eval_every),
+            initial_epoch=start_step // eval_every,
+            steps_per_epoch=eval_every,
+            validation_data=recipe.test_batches(data, plan, options),
+            shuffle=False,  # the batches come shuffled
+            callbacks=callbacks + ([bar] if bar else []),
+            verbose=0,
+        )
+    finally:
+        if bar:
+            bar.close()
     state = callback.state(steps)
     if state["evals"][-1]["step"] != steps:
         raise RuntimeError(f"training stopped at step {state['evals'][-1]['step']} of {steps}")

@@ -9,17 +9,14 @@ import tensorflow as tf
 from bit_keras.checks import check_finite, check_int
 from bit_keras.data import pipeline, sources
 from bit_keras.data.images import MAX_PIXELS
+from bit_keras.defaults import FINETUNE_EMBEDDED as EMBEDDED  # with no data given: the bundled digits, offline
+from bit_keras.defaults import TRAINABLE_FROM
 from bit_keras.models import resolve
 from bit_keras.training import engine
 from bit_keras.training import hyperrule as hyperrule_lib
 from bit_keras.training.run_folder import RunResult
 
-# With no data given, `finetune` runs offline on scikit-learn's bundled digits with these settings: the small
-# BiT shipped in the package (pretrained on MNIST by `bit-keras pretrain`) at 10x the HyperRule's base lr, which
-# is tuned for the paper's large models (measured on the digits: 0.003 -> 89.1%, 0.03 -> 96.0%, 0.1 -> 96.7%).
-EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 64, "resolution": 32, "steps": 500, "base_lr": 0.03}
 DEFAULT_MODEL = "BiT-M-R50x1"  # for the user's own data
-TRAINABLE_FROM = ("block1", "block2", "block3", "block4", "head")
 UPSAMPLING_WARNING = 4  # crops this many times the images' side are worth a warning
 
 
@@ -127,6 +124,7 @@ class HyperRuleRecipe(engine.Recipe):
             check_int(flag, getattr(self, flag))
         check_int("examples_per_class_seed", self.examples_per_class_seed, minimum=0)
         check_finite("mixup_alpha", self.mixup_alpha)
+        hyperrule_lib.hyperrule(1, image_size=1, steps=self.steps)  # the schedule's own checks, before any download
         resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
 
     def load_data(self, options: engine.RunOptions) -> sources.Data:

@@ -5,6 +5,8 @@ import logging
 import logging.handlers
 import sys
 
+import tqdm
+
 LOGGER = logging.getLogger("bit_keras")
 FILE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -16,6 +18,17 @@ class _Below(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < self.level
+
+
+class _Console(logging.StreamHandler):
+    """A console stream whose lines go above a progress bar (tqdm's), not through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 class _RunFile(logging.FileHandler):
@@ -43,6 +56,7 @@ class RunLog:
 
     def __init__(self) -> None:
         self.handlers: list[logging.Handler] = []
+        self.progress = False  # whether a progress bar may show: INFO records go to stdout, a terminal
         self.pending = logging.handlers.BufferingHandler(capacity=10_000)
         self.add(self.pending, logging.INFO)
 
@@ -71,10 +85,11 @@ def run_logging(verbose: int):
     LOGGER.setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         if verbose:
-            stdout = logging.StreamHandler(sys.stdout)
+            stdout = _Console(sys.stdout)
             stdout.addFilter(_Below(logging.WARNING))
             run_log.add(stdout, logging.INFO)
-        run_log.add(logging.StreamHandler(sys.stderr), logging.WARNING)
+            run_log.progress = sys.stdout.isatty()
+        run_log.add(_Console(sys.stderr), logging.WARNING)
     try:
         yield run_log
     finally:

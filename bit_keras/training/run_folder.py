@@ -117,8 +117,9 @@ class RunFolder:
         return os.path.exists(self.metrics_path)
 
     def prepare(self, config, overwrite=False):
-        """Before anything is written: clear it on `overwrite`, refuse a finished run, refuse resuming a
-        checkpoint of another configuration."""
+        """Before anything is written: clear it on `overwrite`; refuse a checkpoint or a finished run of another
+        configuration. Returns the metrics of a finished run of this configuration (not to be trained again), else
+        None."""
         if overwrite and self.chief:
             for entry in ENTRIES:
                 path = os.path.join(self.path, entry)
@@ -126,11 +127,8 @@ class RunFolder:
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.remove(path)
-        if self.finished():
-            raise ValueError(
-                f"{self.path} holds a finished run ({self.metrics_path}); choose another --name or pass --overwrite"
-            )
         self.check_config(config)
+        return _read_json(self.metrics_path) if self.finished() else None
 
     def state(self):
         """The saved training state (`step`, `weights`, `evals`, `history`, `wall_s`), or None."""
@@ -138,25 +136,30 @@ class RunFolder:
         return _read_json(path) if os.path.exists(path) else None
 
     def check_config(self, config):
-        """Refuse to resume a checkpoint written for another configuration; name what differs."""
+        """Refuse to resume a checkpoint, or to report a finished run, of another configuration; name what differs."""
         path = os.path.join(self.path, CONFIG)
-        if self.state() is None or not os.path.exists(path):
+        finished = self.finished()
+        if not (finished or self.state()) or not os.path.exists(path):
             return
         saved = _read_json(path)
         config = json.loads(json.dumps(config))  # tuples as lists, as saved
         differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+        if finished:
+            where, since, label, other = self.path, "this run finished", "finished", "the finished run there is"
+        else:
+            where, since, label = self.checkpoint_dir, "this checkpoint was written", "checkpoint"
+            other = "the checkpoint there was written for"
         if "data_fingerprint" in differ:
             others = [k for k in differ if k != "data_fingerprint"]
             also = f" (and with it {', '.join(others)})" if others else ""
             raise ValueError(
-                f"{self.checkpoint_dir}: the data changed since this checkpoint was written{also}: files added, "
-                "removed or modified; restore the data, or use another --name or --overwrite to start afresh"
+                f"{where}: the data changed since {since}{also}: files added, removed or modified; restore the data, "
+                "or use another --name or --overwrite to start afresh"
             )
         if differ:
-            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ[:4])
+            details = "; ".join(f"{k}: {label} {saved.get(k)!r}, now {config.get(k)!r}" for k in differ[:4])
             raise ValueError(
-                f"{self.checkpoint_dir}: the checkpoint there was written for another run ({details}); "
-                "use another --name, or --overwrite to start this one afresh"
+                f"{where}: {other} another run ({details}); use another --name, or --overwrite to start this one afresh"
             )
 
     def start(self, config):
@@ -236,6 +239,11 @@ def _read_json(path):
         ) from None
 
 
+def headline_metric(metrics):
+    """The key of a run's result in its metrics: COCO AP for detection, else accuracy."""
+    return "test_ap" if "test_ap" in metrics else "test_accuracy"
+
+
 def plot_curves(metrics, path):
     """Losses and scores (accuracy, AP, ...) against the step, from `metrics["evals"]`, as a PNG."""
     import matplotlib
@@ -256,7 +264,7 @@ def plot_curves(metrics, path):
         if None not in values:
             label = "train (against the targets' argmax)" if key == "train_accuracy" else key.replace("_", " ")
             score_ax.plot(steps, values, marker="o", label=label)
-    headline = next(k for k in ("test_ap", "test_accuracy") if k in metrics)
+    headline = headline_metric(metrics)
     score_ax.set(xlabel="step", ylabel="score", title=f"{headline.replace('_', ' ')} {metrics[headline]:.4f}")
     score_ax.set_ylim(0, 1)
     score_ax.legend()

@@ -5,7 +5,7 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+from bit_keras.defaults import STRATEGIES
 
 
 def make_strategy(name="auto", tpu=None):

@@ -55,7 +55,6 @@ class Objective:
     """
 
     name: str  # what metrics.json's "metric" names
-    headline: str  # the evaluation entry that is the run's result, e.g. "test_accuracy"
     metrics: list  # Keras metrics updated by `update_metrics`; created in the strategy's scope
 
     def loss_sum(self, targets, outputs):
@@ -77,8 +76,6 @@ class Classification(Objective):
     """Softmax cross-entropy on one-hot or soft (MixUp) targets with top-1 `accuracy` against the targets' argmax,
     or (`loss="sigmoid"`) binary cross-entropy summed over the classes of multi-hot targets (multi-label data such
     as ImageNet-21k) with `precision_at_1`: whether the top-1 class is a positive."""
-
-    headline = "test_accuracy"
 
     def __init__(self, loss="softmax"):
         if loss not in LOSSES:

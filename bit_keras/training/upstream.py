@@ -10,19 +10,14 @@ import math
 import keras
 from keras import ops
 
-BASE_LR = 0.03  # per 256 examples of batch
-LR_BATCH = 256
-BATCH = 4096
-WARMUP_STEPS = 5000  # at BATCH
-WEIGHT_DECAY = 1e-4
-MOMENTUM = 0.9
+from bit_keras.defaults import UPSTREAM_BASE_LR as BASE_LR  # per 256 examples of batch
+from bit_keras.defaults import UPSTREAM_BATCH as BATCH
+from bit_keras.defaults import UPSTREAM_PRESETS as PRESETS  # (epochs, decay epochs) of BiT-S, BiT-M, BiT-L
+from bit_keras.defaults import UPSTREAM_WEIGHT_DECAY as WEIGHT_DECAY
 
-# (epochs, decay epochs): BiT-S (ILSVRC-2012) and BiT-M (ImageNet-21k) train 90 epochs, BiT-L (JFT-300M) 40.
-PRESETS = {
-    "bit-s": (90, (30, 60, 80)),
-    "bit-m": (90, (30, 60, 80)),
-    "bit-l": (40, (10, 23, 30, 37)),
-}
+LR_BATCH = 256
+WARMUP_STEPS = 5000  # at BATCH
+MOMENTUM = 0.9
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
