@@ -284,6 +284,18 @@ def test_tfds_without_network_fails_in_seconds_with_one_line(tmp_path, offline):
     assert not data_dir.exists() and not (tmp_path / "runs").exists()  # no empty folder left behind
 
 
+def test_detection_tfds_without_network_fails_in_seconds(tmp_path, offline):
+    """The detector's tfds datasets (COCO, VOC) are prepared the same way, naming its own local alternative."""
+    start = time.perf_counter()
+    args = ["finetune-detector", "--dataset", "voc/2007", "--data_dir", tmp_path / "tfds", "--logdir", tmp_path / "r"]
+    result = run_in_process(args)
+    assert time.perf_counter() - start < OFFLINE_S
+    (line,) = message_lines(result.stderr)
+    assert result.returncode == 1 and "voc/2007 is not prepared and cannot be downloaded" in line, line
+    assert line.endswith("or use --coco_folder") and "--manual_dir" not in line
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_flags_are_checked_before_any_download(tmp_path, offline):
     """Checks of the recipe's schedule that need no data come before the download (offline: before its error)."""
     cases = {

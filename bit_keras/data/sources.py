@@ -87,23 +87,7 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
         raise ValueError(f"unknown tensorflow-datasets dataset {name!r} (tfds.list_builders() lists them)") from None
-    # tfds calls this as a download starts: not for a prepared dataset, nor under tfds.testing.mock_data.
-    announce = builder._log_download_bytes
-
-    def check_then_announce():
-        _check_reachable(name, builder.url_infos or {})
-        announce()
-
-    builder._log_download_bytes = check_then_announce
-    created = _missing_folders(os.fspath(builder.data_path), os.path.join(builder.data_dir_root, "downloads"))
-    try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except BaseException:
-        for top in created:
-            for folder, _, _ in os.walk(top, topdown=False):
-                with contextlib.suppress(OSError):  # not empty: something was downloaded
-                    os.rmdir(folder)
-        raise
+    prepare_tfds(builder, name, manual_dir)
     info = builder.info
     keys = info.supervised_keys
     if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
@@ -137,7 +121,7 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
     )
 
 
-def _check_reachable(name, urls):
+def _check_reachable(name, urls, local):
     """A one-line `ConnectionError` naming `name` and the offline alternatives unless every host of `urls` (or the
     proxy the environment names for it, as `requests` would use) accepts a connection within `PROBE_S` seconds."""
     import requests
@@ -153,8 +137,7 @@ def _check_reachable(name, urls):
             host = f"{address.hostname}:{port}" + (f" (the proxy for {origin})" if proxy else "")
             raise ConnectionError(
                 f"{name} is not prepared and cannot be downloaded: {host} does not answer ({err.strerror or err}); "
-                f"offline, point --data_dir at a folder where {name} is prepared or --manual_dir at its downloaded "
-                "files, or use --image_folder"
+                f"offline, point --data_dir at a folder where {name} is prepared {local}"
             ) from None
 
 
@@ -233,6 +216,34 @@ def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX
         "sha256": files_digest(path, train=train_files, test=test_files),
     }
     return Data(train, test, class_names, len(train_files), "counted", image_size, name, files, fingerprint)
+
+
+def prepare_tfds(
+    builder, name, manual_dir=None, local="or --manual_dir at its downloaded files, or use --image_folder"
+):
+    """`builder.download_and_prepare()`, downloading only once the dataset's download hosts (or the proxy to them)
+    answer: offline, the error comes in seconds and names the alternatives, rather than after minutes of retries;
+    a failed download leaves no empty folder it created. `local` ends that error: the local alternatives."""
+    import tensorflow_datasets as tfds
+
+    # tfds calls this (private) hook as a download starts: not for a prepared dataset, nor under
+    # tfds.testing.mock_data, whose builders report no download; no public hook exists (tfds 4.9).
+    announce = builder._log_download_bytes
+
+    def check_then_announce():
+        _check_reachable(name, builder.url_infos or {}, local)
+        announce()
+
+    builder._log_download_bytes = check_then_announce
+    created = _missing_folders(os.fspath(builder.data_path), os.path.join(builder.data_dir_root, "downloads"))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except BaseException:
+        for top in created:
+            for folder, _, _ in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):  # not empty: something was downloaded
+                    os.rmdir(folder)
+        raise
 
 
 def from_arrays(x_train, y_train, x_test, y_test, class_names=None, name="arrays"):

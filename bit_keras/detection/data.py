@@ -181,7 +181,7 @@ def from_tfds(name, train_split=None, test_split=None, data_dir=None):
     default_train, default_test, dropped = _TFDS[name]
     train_split, test_split = train_split or default_train, test_split or default_test
     builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare()
+    sources.prepare_tfds(builder, name, local="or use --coco_folder")
     info = builder.info
     class_names = list(info.features["objects"]["label"].names)
     try:
