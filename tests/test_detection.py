@@ -277,6 +277,7 @@ def test_rule_scales_the_paper_recipe():
     assert small.steps == 1500 and small.lr == pytest.approx(0.005) and small.supports[0] == 150
 
 
+@pytest.mark.slow  # two detector updates compared (~75 s); classification's batch_split is tested by default
 def test_batch_split_gives_the_same_update(coco_run):
     """Micro-batches share the batch's positive-anchor count: 2 x 2 images update the weights as 4 images do."""
     from bit_keras.training.trainer import Trainer

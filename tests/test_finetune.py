@@ -215,6 +215,7 @@ def test_mixed_precision(small_npz, tmp_path, precision):
     assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
 
 
+@pytest.mark.slow  # an XLA compile of the train step (~35 s)
 def test_xla_single_device(small_npz, tmp_path):
     result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), xla=True, base_lr=0.5, **FAST)
     assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
