@@ -1,4 +1,4 @@
-"""bit_keras: Big Transfer (BiT) for Keras 3 on TensorFlow.
+"""bit_keras: Big Transfer (BiT) for Keras 3.
 
 The package is grouped by role: `models` (layers, the BiT model, the zoo, official checkpoints, the model
 resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and its recipes: fine-tuning
@@ -6,6 +6,10 @@ and upstream pretraining), `detection` (RetinaNet on BiT: model, data, objective
 evaluation, pictures), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`. The verbs
 and the model API are re-exported here. Importing this registers every model class with Keras' loader:
 `import bit_keras` before `keras.saving.load_model` of a bit_keras `.keras` file.
+
+The model core (`models`) runs on every Keras backend (TensorFlow, JAX, PyTorch); the rest needs TensorFlow. On
+another backend, `import bit_keras` loads the model core alone (TensorFlow need not be installed), and the other
+names raise an ImportError saying what to install and set.
 """
 
 import importlib
@@ -13,12 +17,6 @@ import os
 import sys
 
 from bit_keras import startup
-
-if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    raise ImportError(
-        f"bit_keras needs the TensorFlow backend of Keras, but KERAS_BACKEND={os.environ['KERAS_BACKEND']!r}: "
-        "unset it or run with KERAS_BACKEND=tensorflow"
-    )
 
 __version__ = "0.1.0"
 _MODULES = {  # public name -> the module that defines it
@@ -46,20 +44,48 @@ _MODULES = {  # public name -> the module that defines it
     "pretrain": "bit_keras.training.pretrain",
     "RunResult": "bit_keras.training.run_folder",
 }
+# The subpackages beyond the model core (`bit_keras.models`), and what of TensorFlow they need.
+_TENSORFLOW_ONLY = {"detection": "tf.data and tf.distribute", "serving": "SavedModel", "training": "tf.distribute"}
+_CORE = {name: module for name, module in _MODULES.items() if module.split(".")[1] not in _TENSORFLOW_ONLY}
 __all__ = sorted(_MODULES)
 
 
 def load() -> None:
-    """Import Keras (TensorFlow's start-up lines silenced) and every module, registering each Keras class."""
-    startup.import_keras()
-    for name, module in _MODULES.items():
+    """Import Keras (TensorFlow's start-up lines silenced) and every module, registering each Keras class; an
+    ImportError on another backend than TensorFlow (where `import bit_keras` loads the model core alone)."""
+    backend = _backend()
+    if backend != "tensorflow":
+        raise _needs_tensorflow("bit_keras.load and the bit-keras command", "training, detection and serving", backend)
+    _import(_MODULES)
+
+
+def _backend() -> str:
+    """Keras' backend, Keras imported quietly."""
+    return startup.import_keras().backend.backend()
+
+
+def _import(names: dict[str, str]) -> None:
+    for name, module in names.items():
         globals()[name] = getattr(importlib.import_module(module), name)
 
 
-def __getattr__(name):  # PEP 562: the public names of a package imported without `load()`
+def _needs_tensorflow(what: str, needs: str, backend: str) -> ImportError:
+    return ImportError(
+        f"{what} needs the TensorFlow backend ({needs}), but Keras runs on {backend!r}: "
+        "pip install tensorflow and set KERAS_BACKEND=tensorflow"
+    )
+
+
+def __getattr__(name):  # PEP 562: names not loaded at import (every one in the `bit-keras` command)
     if name not in _MODULES:
         raise AttributeError(f"module 'bit_keras' has no attribute {name!r}")
-    load()
+    backend, needs = _backend(), _TENSORFLOW_ONLY.get(_MODULES[name].split(".")[1])
+    if backend == "tensorflow":
+        load()
+    elif needs:
+        raise _needs_tensorflow(f"bit_keras.{name}", needs, backend)
+    else:
+        _import(_CORE)
     return globals()[name]
 
 
@@ -71,8 +97,12 @@ def _command() -> bool:
 
 
 # Everything loads at import, because a bit_keras `.keras` file loads only once its classes are registered with Keras
-# and `import bit_keras` is how users register them (as keras-hub's). The `bit-keras` command alone starts bare: it
-# answers --help, --version, `models` and argument errors without waiting for TensorFlow, and its subcommands call
-# `load()` when they need it.
+# and `import bit_keras` is how users register them (as keras-hub's); on another backend than TensorFlow, the model
+# core. The `bit-keras` command alone starts bare: it answers --help, --version, `models` and argument errors without
+# waiting for TensorFlow, and its subcommands call `load()` when they need it.
 if not _command():
-    load()
+    if _backend() == "tensorflow":
+        load()
+    else:
+        _import(_CORE)
+        __all__ = sorted(_CORE)

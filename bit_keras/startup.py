@@ -32,16 +32,10 @@ def quiet_native_stderr():
 
 
 def import_keras():
-    """Import Keras on TensorFlow quietly, TensorFlow's INFO lines (XLA service, ...), which say nothing to users,
-    off too (`TF_CPP_MIN_LOG_LEVEL=1` unless set, verbose or TensorFlow is imported already); an ImportError when
-    Keras uses another backend."""
+    """Import Keras quietly, on TensorFlow with TensorFlow's INFO lines (XLA service, ...), which say nothing to users,
+    off too (`TF_CPP_MIN_LOG_LEVEL=1` unless set, verbose or TensorFlow is imported already)."""
     if not verbose() and "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with quiet_native_stderr():
         import keras
-    if keras.backend.backend() != "tensorflow":
-        raise ImportError(
-            f"bit_keras needs the TensorFlow backend of Keras, but Keras uses {keras.backend.backend()!r} "
-            '(from ~/.keras/keras.json): run with KERAS_BACKEND=tensorflow or set "backend": "tensorflow" there'
-        )
     return keras

@@ -1,10 +1,14 @@
-"""BiT building blocks: weight-standardized convolution, normalization and the pre-activation bottleneck."""
+"""BiT building blocks: weight-standardized convolution, normalization and the pre-activation bottleneck.
+
+Written with `keras.ops` for every backend; on TensorFlow, two fast paths compute the same formulas (an
+XLA-compiled group norm, weight standardization as FusedBatchNormV3), TensorFlow imported only there.
+"""
 
 import contextlib
 import contextvars
+import functools
 
 import keras
-import tensorflow as tf
 from keras import layers, ops
 
 from bit_keras.defaults import NORMALIZATIONS
@@ -22,7 +26,8 @@ _PORTABLE = contextvars.ContextVar("bit_keras_portable_ops", default=False)
 def portable_ops():
     """Trace BiT layers with plain ops that are exact on every device and that every consumer runs (no fused
     weight standardization, no XLA-compiled group norm): for graphs saved to run elsewhere (`bit_keras.export`
-    and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT model should too)."""
+    and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT model should too). Other backends always
+    run the plain ops."""
     token = _PORTABLE.set(True)
     try:
         yield
@@ -30,12 +35,26 @@ def portable_ops():
         _PORTABLE.reset(token)
 
 
+def _tensorflow_fast_paths():
+    """Whether the TensorFlow fast paths apply: Keras on TensorFlow, outside `portable_ops`."""
+    return keras.backend.backend() == "tensorflow" and not _PORTABLE.get()
+
+
 def _fused_standardization():
-    """Whether weight standardization may use FusedBatchNorm: on CPU-only hosts, outside `portable_ops`.
+    """Whether weight standardization may use FusedBatchNorm: TensorFlow on CPU-only hosts, outside `portable_ops`.
     (cuDNN's batch norm refuses or clamps epsilons below 1e-5; BiT's is 1e-10.)"""
-    if _PORTABLE.get():
+    if not _tensorflow_fast_paths():
         return False
+    import tensorflow as tf
+
     return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def _moments(x, axes):
+    """Mean and biased variance over `axes` (kept), two-pass: mean((x - mean)^2), exact for large-mean inputs where
+    E[x^2] - E[x]^2 cancels (the ops of `tf.nn.moments`)."""
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    return mean, ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True)
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
@@ -53,31 +72,38 @@ class StandardizedConv2D(layers.Conv2D):
     def standardize(self, kernel):
         """`kernel` standardized per output channel, in float32."""
         # float32 statistics even under mixed precision: var + 1e-10 is meaningless in 16-bit floats.
-        kernel = tf.cast(kernel, tf.float32)
+        kernel = ops.cast(kernel, "float32")
         if _fused_standardization():
-            # Training-mode FusedBatchNorm of a (1, h*w, in, out) view is this standardization in one op each
-            # way (CPU: two-pass, biased variance, eps inside the sqrt), about twice as fast as plain ops.
-            # Centred first, as XLA lowers it with a one-pass variance.
-            kernel -= tf.stop_gradient(tf.reduce_mean(kernel, axis=(0, 1, 2), keepdims=True))
-            h, w, inputs, outputs = kernel.shape
-            standardized, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=tf.reshape(kernel, (1, h * w, inputs, outputs)),
-                scale=tf.ones((outputs,)),
-                offset=tf.zeros((outputs,)),
-                mean=tf.zeros((0,)),
-                variance=tf.zeros((0,)),
-                epsilon=self.epsilon,
-                is_training=True,
-            )
-            return tf.reshape(standardized, kernel.shape)
-        mean, variance = tf.nn.moments(kernel, axes=(0, 1, 2), keepdims=True)  # two-pass: exact for offset kernels
-        return (kernel - mean) * tf.math.rsqrt(variance + self.epsilon)
+            return _fused_standardize(kernel, self.epsilon)
+        mean, variance = _moments(kernel, (0, 1, 2))
+        return (kernel - mean) * ops.rsqrt(variance + self.epsilon)
 
     def convolution_op(self, inputs, kernel):
-        return super().convolution_op(inputs, tf.cast(self.standardize(kernel), inputs.dtype))
+        return super().convolution_op(inputs, ops.cast(self.standardize(kernel), self.compute_dtype))
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def _fused_standardize(kernel, epsilon):
+    """`StandardizedConv2D.standardize`'s formula as one training-mode FusedBatchNormV3 of a (1, h*w, in, out) view
+    each way (TensorFlow's CPU kernel: two-pass, biased variance, eps inside the sqrt), about twice as fast as plain
+    ops."""
+    import tensorflow as tf
+
+    # Centred first, as XLA lowers it with a one-pass variance.
+    kernel -= tf.stop_gradient(tf.reduce_mean(kernel, axis=(0, 1, 2), keepdims=True))
+    h, w, inputs, outputs = kernel.shape
+    standardized, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=tf.reshape(kernel, (1, h * w, inputs, outputs)),
+        scale=tf.ones((outputs,)),
+        offset=tf.zeros((outputs,)),
+        mean=tf.zeros((0,)),
+        variance=tf.zeros((0,)),
+        epsilon=epsilon,
+        is_training=True,
+    )
+    return tf.reshape(standardized, kernel.shape)
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
@@ -86,8 +112,8 @@ class GroupNorm(layers.Layer):
 
     Ours rather than Keras' `GroupNormalization`: that one computes the variance as E[x^2] - E[x]^2,
     which loses ~4e-5 of the logits in float32 on BiT's large-mean residual stream; this is two-pass,
-    and one XLA kernel (plain ops under `portable_ops`). `relu=True` applies the ReLU that follows every
-    GroupNorm in BiT in that kernel.
+    and on TensorFlow one XLA kernel (plain ops under `portable_ops`). `relu=True` applies the ReLU that
+    follows every GroupNorm in BiT in that kernel.
     """
 
     def __init__(self, groups=GN_GROUPS, epsilon=GN_EPSILON, relu=False, **kwargs):
@@ -105,10 +131,9 @@ class GroupNorm(layers.Layer):
         self.beta = self.add_weight(shape=(size,), initializer="zeros", name="beta", autocast=False)
 
     def call(self, inputs):
-        gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
         # XLA-must-compile functions stop ONNX converters and TF Serving's GPU builds: the same ops, uncompiled.
-        group_norm = _group_norm.python_function if _PORTABLE.get() else _group_norm
-        return group_norm(inputs, gamma, beta, self.groups, self.epsilon, self.relu, tf.as_dtype(self.compute_dtype))
+        group_norm = _xla_group_norm() if _tensorflow_fast_paths() else _group_norm
+        return group_norm(inputs, self.gamma, self.beta, self.groups, self.epsilon, self.relu, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -117,19 +142,30 @@ class GroupNorm(layers.Layer):
         return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon, "relu": self.relu}
 
 
-# One XLA kernel: as plain TF ops each step is a pass over memory, and GroupNorm + ReLU dominated R50x1's
-# inference time (the README's performance section measures the fusion).
-@tf.function(jit_compile=True)
 def _group_norm(inputs, gamma, beta, groups, epsilon, relu, dtype):
     """GroupNorm (then ReLU) of channels-last `inputs`, statistics and affine step in float32 (16-bit sums
     over a whole group would overflow or round)."""
-    shape = tf.shape(inputs)
+    shape = ops.shape(inputs)
     group = (1, 1, groups, gamma.shape[0] // groups)
-    x = tf.reshape(tf.cast(inputs, tf.float32), (shape[0], -1, *group[2:]))
-    mean, variance = tf.nn.moments(x, axes=(1, 3), keepdims=True)  # two-pass: mean((x - mean)^2)
-    scale = tf.math.rsqrt(variance + epsilon) * tf.reshape(gamma, group)
-    x = x * scale + (tf.reshape(beta, group) - mean * scale)
-    return tf.cast(tf.reshape(tf.nn.relu(x) if relu else x, shape), dtype)
+    x = ops.reshape(ops.cast(inputs, "float32"), (shape[0], -1, *group[2:]))
+    mean, variance = _moments(x, (1, 3))
+    scale = ops.rsqrt(variance + epsilon) * ops.reshape(gamma, group)
+    x = x * scale + (ops.reshape(beta, group) - mean * scale)
+    return ops.cast(ops.reshape(ops.relu(x) if relu else x, shape), dtype)
+
+
+@functools.cache
+def _xla_group_norm():
+    """`_group_norm` as one XLA kernel (TensorFlow): as plain TF ops each step is a pass over memory, and GroupNorm +
+    ReLU dominated R50x1's inference time (the README's performance section measures the fusion)."""
+    import tensorflow as tf
+
+    compiled = tf.function(_group_norm, jit_compile=True)
+
+    def group_norm(inputs, gamma, beta, *args):  # tensors, not variables: one trace per shape and dtype
+        return compiled(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), *args)
+
+    return group_norm
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")

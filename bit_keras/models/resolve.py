@@ -130,8 +130,8 @@ def resolve_model(
         model = zoo.create_model(spec, weights=weights, num_classes=num_classes, cache_dir=cache_dir, dtype=dtype)
         if new_head and model.num_classes:
             head = model.get_layer("head")
-            head.kernel.assign(keras.ops.zeros_like(head.kernel))
-            head.bias.assign(keras.ops.zeros_like(head.bias))
+            head.kernel.assign(keras.ops.zeros(head.kernel.shape))
+            head.bias.assign(keras.ops.zeros(head.bias.shape))
         entry = zoo.CHECKPOINTS.get(spec)
         if entry is not None:
             found_size = entry.input_size

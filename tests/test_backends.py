@@ -1,0 +1,247 @@
+"""The model core on JAX and PyTorch: the same checkpoint gives the same logits as on TensorFlow and as the float64
+reference, `.keras` files move between backends, `fold_weight_standardization`, `save_checkpoint` and a stock `fit`
+work, and the TensorFlow-only names say what to install.
+
+Keras fixes its backend at import, so each backend runs in a subprocess (`python -m tests.test_backends JOB`, on
+`KERAS_BACKEND`), once for all the checks; this process is the TensorFlow side.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.official_npz import random_checkpoint, write_npz
+from tests.reference_bit import reference_forward
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ("jax", "torch")
+SHIPPED = "BiT-R14x0.5-mnist5k"  # the real checkpoint shipped in the package, 32px
+UNITS = (1, 1, 1, 1)  # the random checkpoint's R14x0.5: float32 noise ~1-2e-6 here (R26x0.5's reaches 7e-6)
+TOL = 1e-5  # of the largest |logit|: float32 noise between backends and against float64
+NO_TENSORFLOW_VENV = os.environ.get("BIT_KERAS_NO_TF_VENV", "/tmp/venv_jax")  # keras + jax[cpu], no TensorFlow
+
+
+def _logits(model, images):
+    import keras
+
+    return keras.ops.convert_to_numpy(model(images)).astype(np.float64)
+
+
+def _fit(model):
+    """Losses of a few stock `fit` epochs of one batch, and whether the root kernel moved."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32), np.arange(8) % 3
+    before = model.get_layer("root_conv").kernel.numpy().copy()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss)
+    losses = model.fit(images, labels, batch_size=8, epochs=4, verbose=0).history["loss"]
+    return np.array(losses), not np.array_equal(before, model.get_layer("root_conv").kernel.numpy())
+
+
+def _worker(job_path):
+    """On `KERAS_BACKEND`'s backend: every output the tests compare, into `job["out"]` (an .npz)."""
+    with open(job_path) as f:
+        job = json.load(f)
+    import keras
+
+    import bit_keras
+    from bit_keras.models.checkpoint import read_npz
+
+    images = np.load(job["images"])
+    out = {}
+    model = bit_keras.create_model(job["npz"])
+    out["logits"] = _logits(model, images["random"])
+    out["folded"] = _logits(model.fold_weight_standardization(), images["random"])
+    out["shipped"] = _logits(bit_keras.create_model(SHIPPED, weights="pretrained"), images["shipped"])
+    out["tensorflow_imported"] = "tensorflow" in sys.modules
+    model.save(job["keras_out"])
+    out["from_tensorflow_file"] = _logits(keras.saving.load_model(job["keras_in"]), images["random"])
+    bit_keras.save_checkpoint(model, job["npz_out"])
+    written, given = read_npz(job["npz_out"]), read_npz(job["npz"])
+    out["checkpoint_round_trip"] = written.keys() == given.keys() and all(
+        np.array_equal(written[k], given[k]) for k in given
+    )
+    new_head = bit_keras.resolve_model(SHIPPED, new_head=True).model.get_layer("head")
+    out["new_head_zero"] = not np.any(new_head.kernel.numpy()) and not np.any(new_head.bias.numpy())
+    out["fit_losses"], out["fit_moved"] = _fit(bit_keras.create_model("R14x0.5", num_classes=3))
+    try:
+        bit_keras.finetune  # noqa: B018 (the attribute access is the test)
+    except ImportError as err:
+        out["tensorflow_only_error"] = str(err)
+    np.savez(job["out"], **out)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A random official-layout checkpoint and images for it (64px) and for the shipped model (32px)."""
+    folder = tmp_path_factory.mktemp("backends")
+    params = random_checkpoint(UNITS, width=0.5, num_classes=10, seed=2)
+    write_npz(folder / "random.npz", params)
+    rng = np.random.default_rng(0)
+    images = {"random": rng.uniform(0, 1, (2, 64, 64, 3)), "shipped": rng.uniform(0, 1, (2, 32, 32, 3))}
+    images = {key: value.astype(np.float32) for key, value in images.items()}
+    np.savez(folder / "images.npz", **images)
+    return {
+        "params": params,
+        "npz": str(folder / "random.npz"),
+        "images": images,
+        "images_npz": str(folder / "images.npz"),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(inputs):
+    from bit_keras.models import zoo
+
+    with np.load(zoo.CHECKPOINTS[SHIPPED].url) as f:
+        shipped = {k: f[k] for k in f.files}
+    images = inputs["images"]
+    return {
+        "logits": reference_forward(inputs["params"], images["random"], block_units=UNITS)["logits"],
+        "shipped": reference_forward(shipped, images["shipped"], block_units=(1, 1, 1, 1))["logits"],
+    }
+
+
+@pytest.fixture(scope="module")
+def tensorflow_outputs(inputs, tmp_path_factory):
+    """The TensorFlow side: the same outputs as `_worker`'s, and a `.keras` file for the other backends."""
+    import bit_keras
+
+    model = bit_keras.create_model(inputs["npz"])
+    keras_file = str(tmp_path_factory.mktemp("tensorflow") / "model.keras")
+    model.save(keras_file)
+    x = inputs["images"]
+    return {
+        "model": model,
+        "keras_file": keras_file,
+        "logits": _logits(model, x["random"]),
+        "folded": _logits(model.fold_weight_standardization(), x["random"]),
+        "shipped": _logits(bit_keras.create_model(SHIPPED, weights="pretrained"), x["shipped"]),
+    }
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, inputs, tensorflow_outputs, tmp_path_factory):
+    """`_worker`'s outputs on one backend (and the `.keras` file it saved), in a subprocess."""
+    name = request.param
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed: pip install -e '.[backends]'")
+    folder = tmp_path_factory.mktemp(name)
+    job = {
+        "npz": inputs["npz"],
+        "images": inputs["images_npz"],
+        "keras_in": tensorflow_outputs["keras_file"],
+        "keras_out": str(folder / "model.keras"),
+        "npz_out": str(folder / "checkpoint.npz"),
+        "out": str(folder / "out.npz"),
+    }
+    with open(folder / "job.json", "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, KERAS_BACKEND=name, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.test_backends", str(folder / "job.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(job["out"]) as f:
+        return name, {k: f[k] for k in f.files} | {"keras_file": job["keras_out"]}
+
+
+def _relative(actual, expected):
+    return np.abs(actual - expected).max() / np.abs(expected).max()
+
+
+def test_tensorflow_matches_the_reference(tensorflow_outputs, reference):
+    for key in ("logits", "shipped"):
+        assert _relative(tensorflow_outputs[key], reference[key]) < TOL, key
+
+
+def test_logits_match_tensorflow_and_the_reference(backend, tensorflow_outputs, reference):
+    name, out = backend
+    for key in ("logits", "shipped"):  # the random checkpoint and the shipped one
+        assert _relative(out[key], tensorflow_outputs[key]) < TOL, (name, key)
+        assert _relative(out[key], reference[key]) < TOL, (name, key)
+
+
+def test_fold_weight_standardization(backend, tensorflow_outputs):
+    name, out = backend
+    assert _relative(out["folded"], out["logits"]) < TOL, name
+    assert _relative(out["folded"], tensorflow_outputs["folded"]) < TOL, name
+
+
+def test_keras_files_move_between_backends(backend, tensorflow_outputs, inputs):
+    """Same weights whichever backend wrote the file: a loaded model computes exactly what the backend computes
+    from the checkpoint."""
+    import keras
+
+    _, out = backend
+    np.testing.assert_array_equal(out["from_tensorflow_file"], out["logits"])
+    loaded = keras.saving.load_model(out["keras_file"])
+    np.testing.assert_array_equal(_logits(loaded, inputs["images"]["random"]), tensorflow_outputs["logits"])
+    assert loaded.get_config() == tensorflow_outputs["model"].get_config()
+
+
+def test_save_checkpoint_round_trips(backend):
+    name, out = backend
+    assert out["checkpoint_round_trip"], name
+
+
+def test_resolve_model_zeroes_a_new_head(backend):
+    name, out = backend
+    assert out["new_head_zero"], name
+
+
+def test_stock_fit_trains(backend):
+    name, out = backend
+    losses = out["fit_losses"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], (name, losses)
+    assert out["fit_moved"], name
+
+
+def test_model_core_runs_without_tensorflow_and_the_rest_says_what_to_install(backend):
+    name, out = backend
+    assert not out["tensorflow_imported"], f"{name}: importing and running the model core imported TensorFlow"
+    assert str(out.get("tensorflow_only_error")) == (
+        f"bit_keras.finetune needs the TensorFlow backend (tf.distribute), but Keras runs on {name!r}: "
+        "pip install tensorflow and set KERAS_BACKEND=tensorflow"
+    )
+
+
+# The model core where TensorFlow is not installed at all (a virtual environment with keras and jax[cpu] alone).
+NO_TENSORFLOW = """
+import importlib.util, sys
+import numpy as np
+import bit_keras, keras
+assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed here"
+model = bit_keras.create_model("BiT-R14x0.5-mnist5k", weights="pretrained")
+np.save(sys.argv[2], keras.ops.convert_to_numpy(model(np.load(sys.argv[1]))))
+"""
+
+
+def test_pretrained_model_on_jax_without_tensorflow(tensorflow_outputs, inputs, tmp_path):
+    python = os.path.join(NO_TENSORFLOW_VENV, "bin", "python")
+    if not os.path.exists(python):
+        pytest.skip(f"no virtual environment without TensorFlow at {NO_TENSORFLOW_VENV} ($BIT_KERAS_NO_TF_VENV)")
+    np.save(tmp_path / "images.npy", inputs["images"]["shipped"])
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # this tree's bit_keras
+    args = [python, "-c", NO_TENSORFLOW, str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")]
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _relative(np.load(tmp_path / "logits.npy").astype(np.float64), tensorflow_outputs["shipped"]) < TOL
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
