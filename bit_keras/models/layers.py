@@ -53,6 +53,10 @@ def _fused_standardization():
 def _moments(x, axes):
     """Mean and biased variance over `axes` (kept), two-pass: mean((x - mean)^2), exact for large-mean inputs where
     E[x^2] - E[x]^2 cancels (the ops of `tf.nn.moments`)."""
+    if keras.backend.backend() == "tensorflow":  # tf.nn.moments itself: keras.ops' twin drifts in micro-batch loops
+        import tensorflow as tf
+
+        return tf.nn.moments(x, axes=axes, keepdims=True)
     mean = ops.mean(x, axis=axes, keepdims=True)
     return mean, ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True)
 
