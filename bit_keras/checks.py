@@ -3,9 +3,9 @@
 import math
 
 
-def check_int(flag: str, value, minimum: int = 1) -> None:
-    """A one-line error unless `value` is None or an integer >= `minimum`."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+def check_int(flag: str, value, minimum: int = 1, required: bool = False) -> None:
+    """A one-line error unless `value` is an integer >= `minimum`, or None (where not `required`)."""
+    if (value is not None or required) and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{flag} must be {what}, got {value!r}")
 

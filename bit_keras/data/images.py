@@ -8,6 +8,7 @@ import threading
 import tensorflow as tf
 from PIL import Image
 
+from bit_keras.checks import check_int
 from bit_keras.defaults import MAX_PIXELS  # re-exported: images.MAX_PIXELS
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -48,7 +49,7 @@ def image_size(path, max_pixels=MAX_PIXELS):
     """`(height, width)` that TensorFlow will decode `path` to, from its header as Pillow reads it (GIF and BMP by
     TensorFlow's own rules); ValueError naming `path` if that is no JPEG, PNG, GIF or BMP header TensorFlow takes,
     or if it is over `max_pixels` pixels."""
-    check_max_pixels(max_pixels)
+    check_int("max_pixels", max_pixels, required=True)
     size = _header_size(path, _FORMATS)
     if not size or 0 in size:
         raise ValueError(f"{path}: not a readable JPEG, PNG, GIF or BMP image (checked by its header)")
@@ -59,15 +60,9 @@ def image_size(path, max_pixels=MAX_PIXELS):
 def check_pixel_limit(path, max_pixels=MAX_PIXELS):
     """A ValueError naming `path` if its header (any format `tf.io.decode_image` reads) says it is over
     `max_pixels` pixels; a header that does not read passes, for the decoding to name the problem."""
-    check_max_pixels(max_pixels)
+    check_int("max_pixels", max_pixels, required=True)
     if size := _header_size(path, _DECODABLE):
         _check_pixels(path, size, max_pixels)
-
-
-def check_max_pixels(max_pixels):
-    """A one-line error unless `max_pixels` is a positive integer."""
-    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
 
 
 def _check_pixels(path, size, max_pixels):

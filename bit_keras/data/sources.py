@@ -15,6 +15,7 @@ import urllib.parse
 import numpy as np
 import tensorflow as tf
 
+from bit_keras.checks import check_int
 from bit_keras.data import images as images_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -171,7 +172,7 @@ def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX
     number = isinstance(test_fraction, int | float) and not isinstance(test_fraction, bool)
     if not (number and 0 <= test_fraction < 1):
         raise ValueError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}")
-    images_lib.check_max_pixels(max_pixels)
+    check_int("max_pixels", max_pixels, required=True)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {path!r} does not exist")
     train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from bit_keras.checks import check_int
 from bit_keras.data import images as images_lib
 from bit_keras.data import sources
 
@@ -108,7 +109,7 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
     image header that is unreadable, over `max_pixels` pixels or disagrees with the JSON's width and height) is an
     error naming the item, raised here, before any training.
     """
-    images_lib.check_max_pixels(max_pixels)
+    check_int("max_pixels", max_pixels, required=True)
     annotations = os.path.join(folder, "annotations")
     if not os.path.isdir(annotations):
         raise FileNotFoundError(f"{annotations}: no such folder (a COCO folder has its instances JSON there)")

@@ -86,7 +86,7 @@ class RunOptions:
         """One-line errors for bad values, before any folder, download or TensorFlow op."""
         for flag in ("batch", "batch_split", "eval_every", "resolution"):
             check_int(flag, getattr(self, flag))
-        images.check_max_pixels(self.max_pixels)
+        check_int("max_pixels", self.max_pixels, required=True)
         check_finite("base_lr", self.base_lr, positive=True)
         if self.name is not None and not self.name.strip():
             raise ValueError("name must not be empty (leave it out for the default)")
