@@ -6,6 +6,8 @@ Keras fixes its backend at import, so each backend runs in a subprocess (`python
 `KERAS_BACKEND`), once for all the checks; this process is the TensorFlow side.
 """
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -25,7 +27,6 @@ BACKENDS = ("jax", "torch")
 SHIPPED = "BiT-R14x0.5-mnist5k"  # the real checkpoint shipped in the package, 32px
 UNITS = (1, 1, 1, 1)  # the random checkpoint's R14x0.5: float32 noise ~1-2e-6 here (R26x0.5's reaches 7e-6)
 TOL = 1e-5  # of the largest |logit|: float32 noise between backends and against float64
-NO_TENSORFLOW_VENV = os.environ.get("BIT_KERAS_NO_TF_VENV", "/tmp/venv_jax")  # keras + jax[cpu], no TensorFlow
 
 
 def _logits(model, images):
@@ -45,6 +46,34 @@ def _fit(model):
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss)
     losses = model.fit(images, labels, batch_size=8, epochs=4, verbose=0).history["loss"]
     return np.array(losses), not np.array_equal(before, model.get_layer("root_conv").kernel.numpy())
+
+
+def _jax_group_norm_gradients(model, images):
+    """Gradients of the model's weights through the JAX fast path's hand-written group norm gradient and through
+    autodiff (`portable_ops`): the largest deviation over the weights (relative to each one's largest gradient),
+    and whether each trace used a custom gradient."""
+    import jax
+
+    from bit_keras.models.layers import portable_ops
+
+    trainable = [v.value for v in model.trainable_variables]
+    others = [v.value for v in model.non_trainable_variables]
+    weights = np.random.default_rng(1).normal(size=model.output_shape[1:]).astype(np.float32)
+
+    def loss(trainable):
+        logits, _ = model.stateless_call(trainable, others, images, training=True)
+        return (logits * weights).sum()
+
+    gradients, used_custom = {}, {}
+    for path in ("fast", "portable"):
+        with portable_ops() if path == "portable" else contextlib.nullcontext():
+            traced = functools.partial(loss)  # a new function: JAX caches traces by function, not by context
+            gradients[path] = jax.grad(traced)(trainable)
+            used_custom[path] = "custom_vjp_call" in str(jax.make_jaxpr(traced)(trainable))
+    deviation = max(
+        float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(gradients["fast"], gradients["portable"])
+    )
+    return deviation, used_custom["fast"], used_custom["portable"]
 
 
 def _worker(job_path):
@@ -72,6 +101,10 @@ def _worker(job_path):
     )
     new_head = bit_keras.resolve_model(SHIPPED, new_head=True).model.get_layer("head")
     out["new_head_zero"] = not np.any(new_head.kernel.numpy()) and not np.any(new_head.bias.numpy())
+    if keras.backend.backend() == "jax":
+        out["jax_gradient_deviation"], out["jax_fast_custom"], out["jax_portable_custom"] = _jax_group_norm_gradients(
+            model, images["random"]
+        )
     out["fit_losses"], out["fit_moved"] = _fit(bit_keras.create_model("R14x0.5", num_classes=3))
     try:
         bit_keras.finetune  # noqa: B018 (the attribute access is the test)
@@ -194,6 +227,15 @@ def test_keras_files_move_between_backends(backend, tensorflow_outputs, inputs):
     assert loaded.get_config() == tensorflow_outputs["model"].get_config()
 
 
+def test_jax_group_norm_gradient_matches_autodiff(backend):
+    """The JAX fast path's hand-written group norm gradient gives autodiff's weight gradients (float32 noise)."""
+    name, out = backend
+    if name != "jax":
+        pytest.skip("a JAX fast path")
+    assert out["jax_fast_custom"] and not out["jax_portable_custom"]  # the two traces took different paths
+    assert out["jax_gradient_deviation"] < TOL
+
+
 def test_save_checkpoint_round_trips(backend):
     name, out = backend
     assert out["checkpoint_round_trip"], name
@@ -231,13 +273,29 @@ np.save(sys.argv[2], keras.ops.convert_to_numpy(model(np.load(sys.argv[1]))))
 """
 
 
-def test_pretrained_model_on_jax_without_tensorflow(tensorflow_outputs, inputs, tmp_path):
-    python = os.path.join(NO_TENSORFLOW_VENV, "bin", "python")
+@pytest.fixture(scope="module")
+def no_tensorflow_python(tmp_path_factory):
+    """The Python of a virtual environment holding keras, jax[cpu] and tqdm alone (this one's versions):
+    `$BIT_KERAS_NO_TF_VENV` if set, else made here (pip reaches the package registry)."""
+    from importlib.metadata import version
+
+    venv = os.environ.get("BIT_KERAS_NO_TF_VENV") or str(tmp_path_factory.mktemp("no_tensorflow") / "venv")
+    python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
-        pytest.skip(f"no virtual environment without TensorFlow at {NO_TENSORFLOW_VENV} ($BIT_KERAS_NO_TF_VENV)")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+        needs = [f"keras=={version('keras')}", f"jax[cpu]=={version('jax')}", f"tqdm=={version('tqdm')}"]
+        install = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *needs]
+        result = subprocess.run(install, capture_output=True, text=True, timeout=480)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pretrained_model_on_jax_without_tensorflow(no_tensorflow_python, tensorflow_outputs, inputs, tmp_path):
     np.save(tmp_path / "images.npy", inputs["images"]["shipped"])
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # this tree's bit_keras
-    args = [python, "-c", NO_TENSORFLOW, str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")]
+    args = [no_tensorflow_python, "-c", NO_TENSORFLOW, str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")]
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _relative(np.load(tmp_path / "logits.npy").astype(np.float64), tensorflow_outputs["shipped"]) < TOL

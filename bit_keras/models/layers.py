@@ -1,7 +1,8 @@
 """BiT building blocks: weight-standardized convolution, normalization and the pre-activation bottleneck.
 
-Written with `keras.ops` for every backend; on TensorFlow, two fast paths compute the same formulas (an
-XLA-compiled group norm, weight standardization as FusedBatchNormV3), TensorFlow imported only there.
+Written with `keras.ops` for every backend; fast paths compute the same formulas: on TensorFlow an XLA-compiled
+group norm and weight standardization as FusedBatchNormV3 (TensorFlow imported only there), on JAX a group norm
+with a hand-written gradient.
 """
 
 import contextlib
@@ -25,9 +26,10 @@ _PORTABLE = contextvars.ContextVar("bit_keras_portable_ops", default=False)
 @contextlib.contextmanager
 def portable_ops():
     """Trace BiT layers with plain ops that are exact on every device and that every consumer runs (no fused
-    weight standardization, no XLA-compiled group norm): for graphs saved to run elsewhere (`bit_keras.export`
-    and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT model should too). Other backends always
-    run the plain ops."""
+    weight standardization, no XLA-compiled group norm, on JAX no hand-written group norm gradient): for graphs
+    saved to run elsewhere (`bit_keras.export` and `BiT.export` use it; a plain `tf.saved_model.save` of a BiT
+    model should too), and to measure what the fast paths gain. It applies where a function is traced: JAX
+    reuses a jitted function's trace whatever the context."""
     token = _PORTABLE.set(True)
     try:
         yield
@@ -135,8 +137,12 @@ class GroupNorm(layers.Layer):
         self.beta = self.add_weight(shape=(size,), initializer="zeros", name="beta", autocast=False)
 
     def call(self, inputs):
-        # XLA-must-compile functions stop ONNX converters and TF Serving's GPU builds: the same ops, uncompiled.
-        group_norm = _xla_group_norm() if _tensorflow_fast_paths() else _group_norm
+        if _tensorflow_fast_paths():
+            group_norm = _xla_group_norm()
+        elif keras.backend.backend() == "jax" and not _PORTABLE.get():
+            group_norm = _jax_group_norm()
+        else:
+            group_norm = _group_norm
         return group_norm(inputs, self.gamma, self.beta, self.groups, self.epsilon, self.relu, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -146,22 +152,39 @@ class GroupNorm(layers.Layer):
         return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon, "relu": self.relu}
 
 
+def _grouped(tensor, groups):
+    """Channels-last `tensor` as float32 (batch, pixels, groups, channels per group)."""
+    shape = ops.shape(tensor)
+    return ops.reshape(ops.cast(tensor, "float32"), (shape[0], -1, groups, shape[-1] // groups))
+
+
+def _group_norm_parts(inputs, gamma, beta, groups, epsilon):
+    """The grouped float32 inputs, each group's mean and 1/std, and the per-channel scale and shift they give."""
+    x = _grouped(inputs, groups)
+    group = (1, 1, groups, gamma.shape[0] // groups)
+    mean, variance = _moments(x, (1, 3))
+    inverse_std = ops.rsqrt(variance + epsilon)
+    scale = inverse_std * ops.reshape(gamma, group)
+    return x, mean, inverse_std, scale, ops.reshape(beta, group) - mean * scale
+
+
 def _group_norm(inputs, gamma, beta, groups, epsilon, relu, dtype):
     """GroupNorm (then ReLU) of channels-last `inputs`, statistics and affine step in float32 (16-bit sums
     over a whole group would overflow or round)."""
-    shape = ops.shape(inputs)
-    group = (1, 1, groups, gamma.shape[0] // groups)
-    x = ops.reshape(ops.cast(inputs, "float32"), (shape[0], -1, *group[2:]))
-    mean, variance = _moments(x, (1, 3))
-    scale = ops.rsqrt(variance + epsilon) * ops.reshape(gamma, group)
-    x = x * scale + (ops.reshape(beta, group) - mean * scale)
+    x, _, _, scale, shift = _group_norm_parts(inputs, gamma, beta, groups, epsilon)
+    return _scale_shift(x, scale, shift, relu, ops.shape(inputs), dtype)
+
+
+def _scale_shift(x, scale, shift, relu, shape, dtype):
+    x = x * scale + shift
     return ops.cast(ops.reshape(ops.relu(x) if relu else x, shape), dtype)
 
 
 @functools.cache
 def _xla_group_norm():
     """`_group_norm` as one XLA kernel (TensorFlow): as plain TF ops each step is a pass over memory, and GroupNorm +
-    ReLU dominated R50x1's inference time (the README's performance section measures the fusion)."""
+    ReLU dominated R50x1's inference time (the README's performance section measures the fusion).
+    XLA-must-compile functions stop ONNX converters and TF Serving's GPU builds: `portable_ops` turns it off."""
     import tensorflow as tf
 
     compiled = tf.function(_group_norm, jit_compile=True)
@@ -170,6 +193,47 @@ def _xla_group_norm():
         return compiled(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), *args)
 
     return group_norm
+
+
+@functools.cache
+def _jax_group_norm():
+    """`_group_norm` with its gradient written out (JAX): autodiff keeps float32 activation-sized residuals for the
+    backward pass; this keeps only the inputs (bfloat16 under mixed precision) and per-group statistics, and
+    recomputes the normalized values inside the backward pass's fused kernels."""
+    import jax
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+    def group_norm(inputs, gamma, beta, groups, epsilon, relu, dtype):
+        return _group_norm(inputs, gamma, beta, groups, epsilon, relu, dtype)
+
+    def forward(inputs, gamma, beta, groups, epsilon, relu, dtype):
+        x, mean, inverse_std, scale, shift = _group_norm_parts(inputs, gamma, beta, groups, epsilon)
+        outputs = _scale_shift(x, scale, shift, relu, ops.shape(inputs), dtype)
+        return outputs, (inputs, gamma, mean, inverse_std, scale, shift)
+
+    def backward(groups, epsilon, relu, dtype, residuals, grad):
+        inputs, gamma, mean, inverse_std, scale, shift = residuals
+        x = _grouped(inputs, groups)
+        grad = _grouped(grad, groups)
+        if relu:  # the forward pass's ReLU, on the same pre-activation
+            grad = ops.where(x * scale + shift > 0, grad, 0.0)
+        normalized = (x - mean) * inverse_std
+        d_normalized = grad * ops.reshape(gamma, (1, 1, groups, -1))
+        d_inputs = inverse_std * (  # biased variance: dx = (g - mean(g) - x^ mean(g x^)) / std over each group
+            d_normalized
+            - ops.mean(d_normalized, axis=(1, 3), keepdims=True)
+            - normalized * ops.mean(d_normalized * normalized, axis=(1, 3), keepdims=True)
+        )
+        d_gamma = ops.reshape(ops.sum(grad * normalized, axis=(0, 1)), gamma.shape)
+        d_beta = ops.reshape(ops.sum(grad, axis=(0, 1)), gamma.shape)
+        return ops.cast(ops.reshape(d_inputs, ops.shape(inputs)), inputs.dtype), d_gamma, d_beta
+
+    group_norm.defvjp(forward, backward)
+
+    def call(inputs, gamma, beta, *args):  # arrays, not Keras variables
+        return group_norm(inputs, ops.convert_to_tensor(gamma), ops.convert_to_tensor(beta), *args)
+
+    return call
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
