@@ -96,6 +96,24 @@ def test_group_norm_rejects_indivisible_channels():
         GroupNorm()(np.zeros((1, 2, 2, 48), np.float32))
 
 
+def test_standardization_mixed_precision_reads_the_float32_kernel():
+    """Under a mixed policy the kernel is standardized from its float32 values, not from Keras' 16-bit autocast
+    copy: a kernel with a large offset loses its deviations when rounded to bfloat16 first."""
+    rng = np.random.default_rng(5)
+    kernel = (1e-3 * rng.standard_normal((3, 3, 4, 8)) + 1.0).astype(np.float32)  # bfloat16: 1 + 1e-3 -> 1
+    x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
+    layer = StandardizedConv2D(8, 3, use_bias=False, dtype="mixed_bfloat16")
+    layer.build(x.shape)
+    layer.kernel.assign(kernel)
+    expected = conv2d(
+        np.asarray(tf.cast(x, tf.bfloat16), np.float64),
+        np.asarray(tf.cast(standardize(kernel, WS_EPSILON), tf.bfloat16), np.float64),
+        1,
+    )
+    out = np.asarray(layer(x), np.float64)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-2 * np.abs(expected).max())  # bfloat16 output
+
+
 def test_group_norm_mixed_precision_keeps_float32_statistics():
     x = (np.random.default_rng(3).standard_normal((1, 8, 8, 64)) * 300 + 1000).astype(np.float32)
     out = GroupNorm(dtype="mixed_bfloat16")(x)

@@ -75,6 +75,13 @@ class StandardizedConv2D(layers.Conv2D):
         super().__init__(filters, kernel_size, **kwargs)
         self.epsilon = epsilon
 
+    def add_weight(self, *args, **kwargs):
+        # The kernel reaches `standardize` in float32 under mixed policies: Keras' 16-bit autocast copy would
+        # round away the deviations of a kernel with a large mean (1 + 1e-3 is 1 in bfloat16) before the statistics.
+        if kwargs.get("name") == "kernel":
+            kwargs["autocast"] = False
+        return super().add_weight(*args, **kwargs)
+
     def standardize(self, kernel):
         """`kernel` standardized per output channel, in float32."""
         # float32 statistics even under mixed precision: var + 1e-10 is meaningless in 16-bit floats.
