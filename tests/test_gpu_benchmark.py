@@ -1,0 +1,99 @@
+"""Smoke tests of benchmarks/gpu.py on its CPU path: real subprocesses on a tiny configuration (the Keras peers)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # about a minute of benchmarking: CI's slow step
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+TINY = ["--device", "cpu", "--model", "R26x0.5", "--resolutions", "32", "--batch", "2", "--train_batch", "2"]
+TINY += ["--steps", "2", "--warmup", "1"]
+KERAS_PEERS = ["bit_keras", "bit_keras_folded", "bit_keras_autodiff", "plain_keras"]
+R26_CONVOLUTIONS = 1 + 8 * 3 + 4  # the root, three per unit, a projection per block
+
+
+def run(*args, timeout=240):
+    command = [sys.executable, str(SCRIPT), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def flops_per_image(arch, resolution):
+    """2 x the multiply-adds of every convolution and of the head of a built bit_keras model."""
+    import keras
+
+    from bit_keras.models import zoo
+    from bit_keras.models.layers import PreActBottleneck
+
+    model = zoo.create_model(arch, num_classes=1000, input_shape=(resolution, resolution, 3))
+    macs = 0
+    for layer in model.layers:
+        if isinstance(layer, PreActBottleneck):
+            (_, height, width, _), (_, out_height, out_width, _) = layer.input.shape, layer.output.shape
+            outputs = {"conv_a": (height, width), "conv_b": (out_height, out_width)}
+            outputs |= {"conv_c": (out_height, out_width), "proj": (out_height, out_width)}
+            for name, (h, w) in outputs.items():
+                conv = getattr(layer, name)
+                macs += h * w * math.prod(conv.kernel.shape) if conv is not None else 0
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, _ = layer.output.shape
+            macs += h * w * math.prod(layer.kernel.shape)
+        elif isinstance(layer, keras.layers.Dense):
+            macs += math.prod(layer.kernel.shape)
+    return 2 * macs
+
+
+def test_tiny_cpu_run_measures_every_keras_peer(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run(*TINY, "--dtypes", "bf16", "--peers", *KERAS_PEERS, "--json", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    rows = {(r["peer"], r["task"]): r for r in report["results"]}
+    assert sorted(rows) == sorted(
+        [("bit_keras", "inference"), ("bit_keras_folded", "inference"), ("plain_keras", "inference")]
+        + [("bit_keras", "training"), ("bit_keras_autodiff", "training"), ("plain_keras", "training")]
+    )
+    forward = flops_per_image("R26x0.5", 32)
+    assert report["forward_flops_per_image"] == {"32": forward}
+    for (peer, task), row in rows.items():
+        assert (row["dtype"], row["resolution"], row["batch"]) == ("bf16", 32, 2)
+        assert row["images_per_s"] > 0 and row["first_step_s"] > 0 and row["peak_memory_bytes"] > 0, (peer, task)
+        assert len(row["step_ms"]) == 2 and row["peak_memory_of"] == "process RSS"
+        assert row["flops_per_image"] == forward * (3 if task == "training" else 1)
+        assert row["params"] == 4517768, peer  # bit_keras.models.zoo.parameter_count("R26x0.5", 1000): plain too
+        assert "mfu" not in row  # on GPU only
+    # Every convolution of bit_keras's bf16 step in bf16: forward, kernel gradients, input gradients but the root's.
+    assert rows["bit_keras", "training"]["convolution_dtypes"] == {"bf16": 3 * R26_CONVOLUTIONS - 1}
+    assert rows["bit_keras_autodiff", "training"]["convolution_dtypes"] == {"bf16": 3 * R26_CONVOLUTIONS - 1}
+    assert sum(rows["plain_keras", "training"]["convolution_dtypes"].values()) == 3 * R26_CONVOLUTIONS - 1
+    assert report["device"]["kind"] == "cpu" and report["versions"]["jax"]
+    assert "gpu.py --device cpu" in report["command"]
+    assert "| bit_keras | bf16 | training | 32 | 2 |" in proc.stdout
+    assert "| bf16 | inference | 32 | bit_keras, WS folded |" in proc.stdout  # the ratios table
+    assert "| bit_keras | 32 | 86 | 86 | 0 | 0 |" in proc.stdout  # the dtype audit
+    assert "bit_keras's first training step <= 30 s (bf16, 32 px, batch 2)" in proc.stdout
+    assert "MFU" not in proc.stdout
+
+
+def test_time_budget_stops_a_measurement_and_skips_the_rest(tmp_path):
+    out = tmp_path / "gpu.json"
+    two = ["--peers", "bit_keras", "plain_keras", "--tasks", "inference", "--dtypes", "fp32"]
+    proc = run(*TINY, *two, "--budget_s", "1", "--json", out)  # the first one is stopped after 1 s
+    assert proc.returncode == 1
+    first, second = json.loads(out.read_text())["results"]
+    assert first["error"].startswith("timed out after 1 s") and first["peer"] == "bit_keras"
+    assert second["not_run"] == "the time budget (--budget_s 1) was spent"
+    assert "| bit_keras | fp32 | inference | 32 | 2 | failed |" in proc.stdout
+    assert "| plain Keras | fp32 | inference | 32 | 2 | not run |" in proc.stdout
+
+
+def test_bad_steps_is_one_line_naming_the_flag():
+    proc = run("--steps", "0", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gpu.py: error: argument --steps: must be an integer from 1 to 10000, got '0'"
+    ]
