@@ -49,7 +49,6 @@ TRAINING_ONLY = ("bit_keras_autodiff",)  # the fast path's hand-written group no
 DTYPES = ("bf16", "fp32")  # in the order measured
 TASKS = ("training", "inference")
 DEVICES = ("auto", "gpu", "cpu")
-TIMM_NAMES = {arch: f"resnetv2_{arch[1:]}_bit" for arch in ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")}
 TIMM_PEERS = ("timm", "timm_compile")
 NUM_CLASSES = 1000
 LEARNING_RATE = 0.003  # BiT-HyperRule's base rate
@@ -632,23 +631,12 @@ def timm_worker(spec):
 
 
 def timm_model(spec):
-    """timm's BiT of the architecture, randomly initialized: its registered model, else its ResNetV2 class with the
-    arguments of timm's `*_bit` models."""
-    import functools
+    """timm's BiT of the architecture, randomly initialized: `benchmark.py`'s, which also makes timm importable
+    beside a CPU-only torch."""
+    import torch
+    from benchmark import timm_model as build  # this script's folder is on sys.path
 
-    import timm
-    from timm.layers import StdConv2d
-    from timm.models.resnetv2 import ResNetV2
-
-    if spec["arch"] in TIMM_NAMES:
-        return timm.create_model(TIMM_NAMES[spec["arch"]], num_classes=NUM_CLASSES)
-    return ResNetV2(
-        layers=spec["block_units"],
-        width_factor=spec["width"],
-        num_classes=NUM_CLASSES,
-        stem_type="fixed",
-        conv_layer=functools.partial(StdConv2d, eps=1e-8),
-    )
+    return build(argparse.Namespace(arch=spec["arch"], num_classes=NUM_CLASSES), torch)[0]
 
 
 # ----------------------------------------------------------------------------- report

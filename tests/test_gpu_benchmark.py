@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/gpu.py on its CPU path: real subprocesses on a tiny configuration (the Keras peers)."""
+"""Smoke tests of benchmarks/gpu.py on its CPU path: real subprocesses on a tiny configuration, every peer."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # about a minute of benchmarking: CI's slow step
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]  # about a minute of benchmarking: CI's slow step
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 TINY = ["--device", "cpu", "--model", "R26x0.5", "--resolutions", "32", "--batch", "2", "--train_batch", "2"]
@@ -77,6 +77,23 @@ def test_tiny_cpu_run_measures_every_keras_peer(tmp_path):
     assert "| bit_keras | 32 | 86 | 86 | 0 | 0 |" in proc.stdout  # the dtype audit
     assert "bit_keras's first training step <= 30 s (bf16, 32 px, batch 2)" in proc.stdout
     assert "MFU" not in proc.stdout
+
+
+def test_tiny_cpu_run_measures_timm_eager_and_compiled(tmp_path):
+    """The timm peers' code on the CPU (torch.compile through Inductor's C++ backend there, Triton on a GPU)."""
+    out = tmp_path / "gpu.json"
+    proc = run(*TINY, "--dtypes", "bf16", "--peers", "timm", "timm_compile", "--json", out, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["not_installed"] == {} and report["versions"]["timm"] and report["versions"]["torch"]
+    rows = {(r["peer"], r["task"]): r for r in report["results"]}
+    assert sorted(rows) == sorted(
+        (peer, task) for peer in ("timm", "timm_compile") for task in ("inference", "training")
+    )
+    for key, row in rows.items():
+        assert row["images_per_s"] > 0 and row["first_step_s"] > 0 and row["peak_memory_bytes"] > 0, key
+        assert row["params"] == 4517768, key  # timm's ResNetV2 with its *_bit arguments: bit_keras's count
+    assert "| timm + torch.compile | bf16 | training | 32 | 2 |" in proc.stdout
 
 
 def test_time_budget_stops_a_measurement_and_skips_the_rest(tmp_path):
