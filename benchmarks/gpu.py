@@ -15,6 +15,7 @@ benchmarks/README.md.
 import argparse
 import collections
 import contextlib
+import gzip
 import importlib.metadata
 import importlib.util
 import json
@@ -140,11 +141,16 @@ def parse_args(argv):
         "--budget_s", type=int_range(1, 86400), default=450, help="seconds for all measurements; later ones not run"
     )
     p.add_argument("--json", metavar="OUT", help="write every result to this JSON file, after each measurement")
+    p.add_argument(
+        "--dump_hlo", metavar="DIR", help="write each Keras training step's optimized HLO there (gzip), to read offline"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a measurement's JSON spec, run by the parent
     p.add_argument("--worker_out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return args
+    if args.dump_hlo and os.path.exists(args.dump_hlo) and not os.path.isdir(args.dump_hlo):
+        p.error(f"--dump_hlo: {args.dump_hlo} is a file, not a folder")
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX is imported; the workers inherit it
     args.device, args.device_name = resolve_device(args.device)
@@ -280,7 +286,9 @@ def main(argv=None):
     }
     print(header(report, measurements), flush=True)
     common = dict(arch=args.arch, block_units=args.block_units, width=args.width, device=args.device)
-    common |= dict(steps=args.steps, warmup=args.warmup)
+    common |= dict(steps=args.steps, warmup=args.warmup, dump_hlo=args.dump_hlo and os.path.abspath(args.dump_hlo))
+    if args.dump_hlo:
+        os.makedirs(args.dump_hlo, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_benchmark_jax_cache_") as jax_cache:
         for number, spec in enumerate(measurements, start=1):
@@ -542,7 +550,12 @@ def keras_training(model, images, labels, spec):
         return loss, state
 
     result = timed_steps(step, jax.block_until_ready, start, spec)
-    return {**result, **dtype_audit(lowered.as_text())}
+    optimized = compiled.as_text()
+    if spec["dump_hlo"]:
+        name = f"{spec['peer']}-{spec['dtype']}-{spec['resolution']}px-batch{spec['batch']}.hlo.txt.gz"
+        with gzip.open(os.path.join(spec["dump_hlo"], name), "wt", encoding="utf-8") as f:
+            f.write(optimized)
+    return {**result, **dtype_audit(lowered.as_text()), **compiled_audit(optimized)}
 
 
 def keras_inference(model, images, spec):
@@ -585,6 +598,18 @@ def dtype_audit(stablehlo):
     )
     converts = sum({source, target} == {"bf16", "f32"} for source, target in CONVERT_TYPES.findall(stablehlo))
     return {"convolution_dtypes": dict(convolutions), "bf16_f32_converts": converts}
+
+
+def compiled_audit(hlo):
+    """The convolutions XLA compiled (`convolution` on a CPU, cuDNN custom calls on a GPU) counted by their result's
+    element type: what runs after XLA's own type and layout passes (a CPU computes bf16 convolutions in f32)."""
+    kinds = collections.Counter(
+        match.group(1)
+        for line in hlo.splitlines()
+        if " convolution(" in line or "__cudnn$conv" in line
+        if (match := re.search(r"=\s*\(?(\w+)\[", line))
+    )
+    return {"compiled_convolution_dtypes": dict(kinds)}
 
 
 def timm_worker(spec):
@@ -740,18 +765,21 @@ def summary(report):
     if audited:
         lines += [
             "",
-            "### bf16 training step: convolutions by operand type (StableHLO of the jitted step)",
+            "### bf16 training step: convolutions by operand type (StableHLO of the jitted step), and by result type "
+            "once XLA compiled it",
             "",
-            "| peer | resolution | convolutions | bf16 | f32 | other | bf16/f32 converts |",
-            "|---|---|---|---|---|---|---|",
+            "| peer | resolution | convolutions | bf16 | f32 | other | bf16/f32 converts | compiled convolutions |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in audited:
             counts = dict(r["convolution_dtypes"])
             total, bf16, f32 = sum(counts.values()), counts.pop("bf16", 0), counts.pop("f32", 0)
             other = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "0"
             converts = r["bf16_f32_converts"]
+            compiled = ", ".join(f"{k}: {v}" for k, v in sorted(r["compiled_convolution_dtypes"].items()))
             lines.append(
-                f"| {PEERS[r['peer']]} | {r['resolution']} | {total} | {bf16} | {f32} | {other} | {converts} |"
+                f"| {PEERS[r['peer']]} | {r['resolution']} | {total} | {bf16} | {f32} | {other} | {converts} "
+                f"| {compiled} |"
             )
     for r in results:
         if "float32_precision_deviation" in r:

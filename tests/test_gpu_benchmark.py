@@ -1,5 +1,6 @@
 """Smoke tests of benchmarks/gpu.py on its CPU path: real subprocesses on a tiny configuration, every peer."""
 
+import gzip
 import json
 import math
 import pathlib
@@ -49,7 +50,7 @@ def flops_per_image(arch, resolution):
 
 def test_tiny_cpu_run_measures_every_keras_peer(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = run(*TINY, "--dtypes", "bf16", "--peers", *KERAS_PEERS, "--json", out)
+    proc = run(*TINY, "--dtypes", "bf16", "--peers", *KERAS_PEERS, "--json", out, "--dump_hlo", tmp_path / "hlo")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     rows = {(r["peer"], r["task"]): r for r in report["results"]}
@@ -69,6 +70,10 @@ def test_tiny_cpu_run_measures_every_keras_peer(tmp_path):
     # Every convolution of bit_keras's bf16 step in bf16: forward, kernel gradients, input gradients but the root's.
     assert rows["bit_keras", "training"]["convolution_dtypes"] == {"bf16": 3 * R26_CONVOLUTIONS - 1}
     assert rows["bit_keras_autodiff", "training"]["convolution_dtypes"] == {"bf16": 3 * R26_CONVOLUTIONS - 1}
+    for peer in ("bit_keras", "bit_keras_autodiff", "plain_keras"):  # XLA's CPU backend computes them in f32
+        assert rows[peer, "training"]["compiled_convolution_dtypes"] == {"f32": 3 * R26_CONVOLUTIONS - 1}, peer
+        with gzip.open(tmp_path / "hlo" / f"{peer}-bf16-32px-batch2.hlo.txt.gz", "rt") as f:
+            assert f.read().startswith("HloModule"), peer
     assert sum(rows["plain_keras", "training"]["convolution_dtypes"].values()) == 3 * R26_CONVOLUTIONS - 1
     assert report["device"]["kind"] == "cpu" and report["versions"]["jax"]
     assert "gpu.py --device cpu" in report["command"]
