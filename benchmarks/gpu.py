@@ -188,12 +188,9 @@ def resolve_device(choice):
 
 
 def cpu_name():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or 'CPU'} ({os.cpu_count()} logical CPUs)"
+    from benchmark import machine_info  # this script's folder is on sys.path
+
+    return f"{machine_info()['cpu']} ({os.cpu_count()} logical CPUs)"
 
 
 # ----------------------------------------------------------------------------- the plan and its FLOPs
@@ -431,14 +428,10 @@ def timed_steps(step, sync, start, spec):
 
 
 def peak_rss_bytes():
-    """This process's peak resident memory (VmHWM of /proc/self/status; ru_maxrss without /proc)."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except OSError:
-        import resource
+    """This process's peak resident memory: `benchmark.py`'s, in bytes."""
+    from benchmark import peak_rss_mb
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return round(peak_rss_mb() * 2**20)
 
 
 def keras_worker(spec):
