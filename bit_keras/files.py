@@ -9,8 +9,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space, over the file-size limit, over the quota
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+_KINDS |= {stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 class DiskFullError(OSError):
@@ -102,3 +105,35 @@ def _remove(path: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+def open_regular(path: str, what: str = "file"):
+    """`open(path, "rb")` of a regular file (a link to one is followed); a one-line ValueError naming `path` for a
+    FIFO, device, socket or folder, which would block the open or a read, or never end. Opened without blocking
+    and checked on the open descriptor, so nothing can swap the file in between."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise ValueError(f"{path}: {kind}, not a regular file: only regular files are read as {what}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path: str, what: str = "file") -> None:
+    """A one-line ValueError naming `path` unless it is a regular file (see `open_regular`); FileNotFoundError if it
+    does not exist."""
+    open_regular(path, what).close()
+
+
+def read_regular(path: str, what: str = "file", max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file at `path` (see `open_regular`), refused naming it when over `max_bytes`."""
+    with open_regular(path, what) as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{path}: over the {max_bytes:,} bytes read as {what}")
+    return data
