@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bit_keras import files
+
 MIN_SIDE = 256  # smaller images are upscaled (by an integer factor) to at least this shorter side, for legible labels
 TRUE_COLOR, PREDICTED_COLOR = (0, 160, 0), (255, 64, 64)
 PAD, LEGEND_HEIGHT = 8, 24  # the grid's spacing around cells, and the legend band at its top
@@ -43,11 +45,9 @@ def draw_boxes(image, boxes, classes, class_names, scores=None, color=PREDICTED_
 
 
 def save_png(image, path):
-    """Write `image` as a PNG at `path`, atomically (a temporary name, then renamed into place)."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write `image` as a PNG at `path` through a temporary file (`bit_keras.files.replacing`)."""
+    with files.replacing(os.fspath(path), ".png") as tmp:
+        image.save(tmp, format="PNG")
 
 
 def save_detection_grid(examples, predictions, class_names, path, columns=4):
