@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from bit_keras.detection import data
+from tests.test_cli import message_lines, run_in_process
 
 
 def _examples(dataset):
@@ -251,8 +252,10 @@ def _annotation(coco, annotation_id):
         (
             lambda c: _annotation(c, 21).update(bbox=[1, 1, 5]),
             ValueError,
-            r"21 \(image 11\): box \[1, 1, 5\] is not \[",
+            r"annotation 21 \(image 11\): 'bbox' must be \[x, y, width, height\] of 4 numbers, got \[1, 1, 5\]$",
         ),
+        (lambda c: _annotation(c, 21).update(bbox=[1, float("nan"), 5, 5]), ValueError, r"21 .*'bbox' must be"),
+        (lambda c: _annotation(c, 21).update(bbox=[1, 1, True, 5]), ValueError, r"21 .*'bbox' must be"),
         (lambda c: _annotation(c, 21).update(bbox=[40, 2, 5, 5]), ValueError, "21 .* lies outside the 40x30 image"),
         (lambda c: _annotation(c, 21).pop("category_id"), ValueError, r"annotation 21 \(image 11\): no 'category_id'"),
         (lambda c: c["images"][1].update(file_name="gone.png"), FileNotFoundError, "image 8: gone.png is in none of"),
@@ -263,11 +266,111 @@ def _annotation(coco, annotation_id):
         ),
         (lambda c: c["images"].append(dict(c["images"][0])), ValueError, "image id 5 appears twice"),
         (lambda c: c.pop("categories"), ValueError, "instances_default.json: not a COCO instances file"),
+        # what exporters write: each refused naming the item, before any image file is looked at
+        (lambda c: c.update(annotations=None), ValueError, "json: 'annotations' must be a list, got None$"),
+        (
+            lambda c: c["images"][1].update(id=[1, 2]),
+            ValueError,
+            r"json: image 1: 'id' must be an integer, got \[1, 2\]$",
+        ),
+        (lambda c: c["images"][0].update(id=True), ValueError, "json: image 0: 'id' must be an integer, got True$"),
+        (
+            lambda c: c["images"][2].update(file_name=9),
+            ValueError,
+            "json: image 2: 'file_name' must be a string, got 9$",
+        ),
+        (
+            lambda c: c["images"][2].update(width=40.0),
+            ValueError,
+            "image 2: 'width' must be a positive integer, got 40.0$",
+        ),
+        (lambda c: c["images"][2].update(height=0), ValueError, "image 2: 'height' must be a positive integer, got 0$"),
+        (lambda c: c["images"][3].pop("height"), ValueError, "json: image 3: no 'height'$"),
+        (lambda c: c["categories"][0].update(id=[7]), ValueError, r"category 0: 'id' must be an integer, got \[7\]$"),
+        (lambda c: c["categories"][1].update(name=3), ValueError, "json: category 1: 'name' must be a string, got 3$"),
+        (
+            lambda c: c["categories"].append({"id": 3, "name": "kitten"}),
+            ValueError,
+            r"json: category id 3 appears twice \('cat', 'kitten'\)$",
+        ),
+        (
+            lambda c: c["categories"][0].update(name="hot\ndog"),
+            ValueError,
+            r"json: category 7: name 'hot\\ndog' holds '\\n'; names are one per line$",
+        ),
+        (lambda c: c["categories"][1].update(name="cat\x00"), ValueError, r"category 3: name 'cat\\x00' holds '\\x00'"),
+        (
+            lambda c: _annotation(c, 17).update(iscrowd="0"),
+            ValueError,
+            r"json: annotation 17 \(image 5\): 'iscrowd' must be 0 or 1, got '0'$",
+        ),
+        (lambda c: _annotation(c, 17).update(iscrowd=2), ValueError, "17 .*'iscrowd' must be 0 or 1, got 2$"),
+        (lambda c: _annotation(c, 20).update(area=-1), ValueError, "20 .*'area' must be a finite number >= 0, got -1$"),
+        (
+            lambda c: _annotation(c, 20).update(area="12"),
+            ValueError,
+            "20 .*'area' must be a finite number >= 0, got '12'",
+        ),
+        (lambda c: _annotation(c, 20).update(image_id="9"), ValueError, "annotation 20: 'image_id' must be an integer"),
+        (
+            lambda c: _annotation(c, 20).update(id=[20]),
+            ValueError,
+            r"annotation 3: 'id' must be an integer, got \[20\]$",
+        ),
+        (lambda c: c["annotations"].append([1, 2]), ValueError, r"annotation 6: not an object, got \[1, 2\]$"),
+        (
+            lambda c: (c["images"][1].update(file_name="gone.png"), _annotation(c, 22).update(iscrowd="1")),
+            ValueError,
+            "annotation 22 .*'iscrowd' must be 0 or 1",  # types first: the missing file is not looked for
+        ),
+        # no box to train on: no annotations, or only crowd ones
+        (
+            lambda c: c.pop("annotations"),
+            ValueError,
+            "instances_default.json: no boxes to train on in the 4 training images",
+        ),
+        (
+            lambda c: c.update(annotations=[]),
+            ValueError,
+            "json: no boxes to train on in the 4 training images",
+        ),
+        (
+            lambda c: [a.update(iscrowd=1) for a in c["annotations"]],
+            ValueError,
+            "json: no boxes to train on in the 4 training images",
+        ),
     ],
 )
 def test_coco_folder_bad_annotations(tmp_path, change, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         _broken(tmp_path, change)
+    assert "\n" not in str(raised.value)
+
+
+def test_coco_folder_crowd_flags_and_areas(tmp_path):
+    """Boolean crowd flags are crowd flags; crowd objects and the JSON's areas (else w * h) reach the evaluation's
+    ground truth (`test_truth`, boxes unclipped), never the examples."""
+    coco, _ = _default_folder(tmp_path)
+    _annotation(coco, 19).update(iscrowd=True, area=7.5)
+    _annotation(coco, 17).update(iscrowd=False, area=100)
+    os.remove(tmp_path / "annotations" / "instances_default.json")
+    for split in ("train", "val"):
+        _write_json(str(tmp_path / "annotations" / f"instances_{split}.json"), coco)
+    d = data.from_coco_folder(str(tmp_path))
+    truth = {t["image_id"]: t for t in d.test_truth}
+    assert list(truth) == [5, 8, 9, 11, 12] and (truth[5]["height"], truth[5]["width"]) == (30, 40)
+    expected = [
+        [6 / 30, 4 / 40, 18 / 30, 14 / 40],
+        [20 / 30, 30.5 / 40, 40 / 30, 50.5 / 40],
+        [1 / 30, 1 / 40, 6 / 30, 6 / 40],
+    ]
+    np.testing.assert_array_equal(truth[5]["boxes"], expected)
+    assert (truth[5]["classes"], truth[5]["iscrowd"], truth[5]["areas"]) == ([1, 0, 0], [0, 0, 1], [100, 400, 7.5])
+    assert (truth[8]["boxes"], truth[11]["areas"]) == ([], [7 * 1.5])
+    for split in (d.train, d.test):
+        example = next(e for e in _examples(split) if e["image_id"] == 5)
+        np.testing.assert_array_equal(example["classes"], [1, 0])  # not the crowd box
+        np.testing.assert_array_equal(example["boxes"][1], np.float32([20 / 30, 30.5 / 40, 1, 1]))  # clipped
 
 
 def test_coco_folder_bad_files_and_layouts(tmp_path):
@@ -290,6 +393,56 @@ def test_coco_folder_bad_files_and_layouts(tmp_path):
 
     _write_json(str(tmp_path / "annotations" / "other.json"), {})
     with pytest.raises(ValueError, match="expected instances_train.*found instances_default.json, other.json"):
+        data.from_coco_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(annotations=None), "'annotations' must be a list, got None"),
+        (lambda c: _annotation(c, 17).update(iscrowd="0"), r"annotation 17 \(image 5\): 'iscrowd' must be 0 or 1"),
+    ],
+)
+def test_finetune_detector_refuses_a_bad_coco_json_in_one_line(tmp_path, change, message):
+    coco, _ = _default_folder(tmp_path / "coco")
+    change(coco)
+    path = tmp_path / "coco" / "annotations" / "instances_default.json"
+    _write_json(str(path), coco)
+    result = run_in_process(
+        ["finetune-detector", "--coco_folder", tmp_path / "coco", "--model", "R14x0.5", "--logdir", tmp_path / "runs"]
+    )
+    (line,) = message_lines(result.stderr)
+    assert result.returncode == 1 and re.fullmatch(
+        f"bit-keras finetune-detector: {re.escape(str(path))}: {message}.*", line
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(60)  # a FIFO opened as a file blocks until a writer comes
+def test_coco_folder_reads_only_a_regular_json_of_bounded_size(tmp_path, monkeypatch):
+    _default_folder(tmp_path)
+    path = tmp_path / "annotations" / "instances_default.json"
+    content = path.read_text()
+    os.remove(path)
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: a FIFO, not a regular file: only regular files are read")):
+        data.from_coco_folder(str(tmp_path))
+    os.remove(path)
+    _write_json(str(path), content)
+    monkeypatch.setattr(data, "MAX_JSON_BYTES", len(content) - 1)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: over the {len(content) - 1:,} bytes read as COCO")):
+        data.from_coco_folder(str(tmp_path))
+
+
+def test_coco_folder_training_split_without_boxes(tmp_path):
+    """A training JSON without a non-crowd box is refused, naming it, even when the test split has boxes."""
+    _png(str(tmp_path / "images" / "0.png"), 8, 8, 0)
+    image = [{"id": 0, "file_name": "0.png", "width": 8, "height": 8}]
+    crowd = [{"id": 1, "image_id": 0, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 1}]
+    _write_json(str(tmp_path / "annotations" / "instances_train.json"), _coco(image, crowd))
+    _write_json(str(tmp_path / "annotations" / "instances_val.json"), _coco(image, [{**crowd[0], "iscrowd": 0}]))
+    path = tmp_path / "annotations" / "instances_train.json"
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no boxes to train on in the 1 training images")):
         data.from_coco_folder(str(tmp_path))
 
 

@@ -1,10 +1,21 @@
 """COCO AP through pycocotools (bit_keras.detection.evaluation) and the pictures of detections (drawing)."""
 
+import contextlib
+import errno
+import io
+import json
+import os
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from bit_keras.detection import drawing
+from bit_keras import files
+from bit_keras.detection import data as data_lib
+from bit_keras.detection import drawing, finetune
 from bit_keras.detection.evaluation import METRIC_NAMES, coco_metrics, ground_truth_from_dataset
 
 SIZE = 200  # px; the box below is 50 x 50 px = 2500 px^2: a "medium" COCO object (32^2 .. 96^2)
@@ -145,6 +156,81 @@ def test_ground_truth_from_dataset():
     assert coco_metrics(truth, detections, num_classes=3)["ap"] == pytest.approx(1.0, abs=EPS)
 
 
+def _write_coco_split(root, split, images, annotations):
+    """`root/annotations/instances_{split}.json` of `images` ((id, width, height)) and `annotations`, and its
+    images as PNGs in `root/{split}/`; categories 3 (cat) and 7 (dog). Returns the JSON's path."""
+    os.makedirs(root / split, exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    for image_id, width, height in images:
+        Image.new("RGB", (width, height), (90, 90, 90)).save(root / split / f"{image_id}.png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, w, h in images],
+        "annotations": [{"id": k + 1, **a} for k, a in enumerate(annotations)],
+        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+    }
+    path = root / "annotations" / f"instances_{split}.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def _pycocotools(gt_json, results):
+    """COCO's own evaluation of `results` ((image id, [x, y, w, h], score, category id)) on the ground truth file
+    `gt_json`, as `coco_metrics` reports it."""
+    results = [{"image_id": i, "bbox": b, "score": s, "category_id": c} for i, b, s, c in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt_coco = COCO(str(gt_json))
+        evaluator = COCOeval(gt_coco, gt_coco.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: (None if value < 0 else float(value)) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def test_coco_folder_metrics_match_pycocotools_on_the_json(tmp_path, monkeypatch):
+    """Crowd objects are ignore regions, the annotations' areas choose small/medium/large and boxes are as the JSON
+    has them (unclipped), as in COCO's evaluation: the numbers of the detector's evaluation are pycocotools' own."""
+    _write_coco_split(tmp_path, "train", [(1, 64, 64)], [{"image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 20]}])
+    val = [
+        {"image_id": 10, "category_id": 3, "bbox": [8, 8, 40, 40], "area": 900, "iscrowd": 0},  # small by its area
+        {"image_id": 10, "category_id": 7, "bbox": [60, 10, 64, 48], "area": 2000, "iscrowd": 1},
+        {"image_id": 10, "category_id": 7, "bbox": [100, 40, 40, 32], "iscrowd": 0},  # no area; reaches outside
+        {"image_id": 11, "category_id": 3, "bbox": [0, 0, 32, 16], "area": 512.5, "iscrowd": 0},
+        {"image_id": 11, "category_id": 3, "bbox": [32, 32, 32, 32], "area": 700, "iscrowd": True},
+    ]
+    val_json = _write_coco_split(tmp_path, "val", [(10, 128, 64), (11, 64, 64), (12, 64, 64)], val)
+    results = [  # pixel [x, y, w, h] (the sizes are powers of 2: exact when normalized), COCO category ids
+        (10, [8, 8, 40, 40], 0.9, 3),
+        (10, [62, 12, 30, 30], 0.95, 7),  # on the crowd: ignored by COCO, a false positive without it
+        (10, [100, 40, 28, 24], 0.8, 7),  # the clipped box exactly: IoU 0.525 with the JSON's
+        (11, [2, 0, 32, 16], 0.7, 3),
+        (11, [40, 40, 16, 16], 0.99, 3),  # on the crowd
+        (12, [10, 10, 20, 20], 0.3, 7),
+    ]
+    d = data_lib.from_coco_folder(str(tmp_path))
+    sizes = {t["image_id"]: (t["height"], t["width"]) for t in d.test_truth}
+    detections = []
+    for image_id in sorted(sizes):
+        (height, width), found = sizes[image_id], [r for r in results if r[0] == image_id]
+        boxes = [[y / height, x / width, (y + h) / height, (x + w) / width] for _, (x, y, w, h), *_ in found]
+        classes = [d.category_ids.index(c) for *_, c in found]
+        detections.append(det(image_id, boxes, [s for *_, s, _ in found], classes))
+    monkeypatch.setattr(finetune, "predict_dataset", lambda *_: (ground_truth_from_dataset(d.test), detections))
+    recipe = finetune.DetectionRecipe("R14x0.5", 1.0, 32, 32, 1, False)
+    ours = recipe.evaluate(None, d, types.SimpleNamespace(rule=types.SimpleNamespace(batch=4)))
+
+    coco = json.loads(val_json.read_text())
+    for a in coco["annotations"]:
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])  # COCOeval needs one; loadRes gives results w * h
+    reference_json = tmp_path / "reference.json"
+    reference_json.write_text(json.dumps(coco))
+    reference = _pycocotools(reference_json, results)
+    assert ours == {f"test_{name}": value for name, value in reference.items()}
+    assert reference["ap_small"] is not None and reference["ap_large"] is None
+    # The training boxes (no crowd, clipped, areas w * h) score otherwise:
+    trained = coco_metrics(ground_truth_from_dataset(d.test), detections, d.num_classes)
+    assert trained["ap"] != reference["ap"] and trained["ap_small"] != reference["ap_small"]
+
+
 def test_draw_boxes_colors_the_border_and_nothing_else():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 100, (256, 256, 3), dtype=np.uint8)  # darker than the box color everywhere
@@ -203,3 +289,37 @@ def test_save_detection_grid_refuses_mismatched_lists(tmp_path):
     with pytest.raises(ValueError):
         drawing.save_detection_grid([], [], ["cat"], tmp_path / "grid.png")
     assert not list(tmp_path.iterdir())
+
+
+def _grid_image():
+    return Image.new("RGB", (8, 8), "white")
+
+
+def test_save_png_leaves_no_temporary_when_pillow_fails(tmp_path, monkeypatch):
+    path = tmp_path / "grid.png"
+    path.write_bytes(b"old")
+
+    def fail(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"partial")
+        raise ValueError("encoder failed")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(ValueError, match="encoder failed"):
+        drawing.save_png(_grid_image(), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"] and path.read_bytes() == b"old"
+
+
+def test_save_png_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "detections.png"
+    save = Image.Image.save
+
+    def full(self, fp, *args, **kwargs):
+        save(self, fp, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(files.DiskFullError) as error:
+        drawing.save_png(_grid_image(), path)
+    assert str(error.value).startswith(f"{path}: cannot write (No space left on device); nothing was replaced")
+    assert "\n" not in str(error.value) and not list(tmp_path.iterdir())

@@ -8,14 +8,15 @@ decoded but not preprocessed. N may be 0 (an image that is all background); imag
 import dataclasses
 import hashlib
 import json
-import math
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from bit_keras.checks import check_int
+from bit_keras import files as files_lib
+from bit_keras.checks import check_int, control_character
 from bit_keras.data import images as images_lib
 from bit_keras.data import sources
 
@@ -24,6 +25,7 @@ CANVAS = 128  # side of the digit canvases
 _CANVAS_SPLITS = {"train": 1000, "test": 250}  # canvases per split
 _CANVAS_TEST_DIGITS = 0.2  # fraction of the 1797 digit images kept for the test canvases
 _DIGIT_SIDE = (28, 56)  # range of a pasted digit's height in pixels
+MAX_JSON_BYTES = 4 << 30  # a COCO instances JSON read, at most (COCO 2017 train's is about 450 MB)
 # tfds datasets: (default train split, default test split, the objects' flag that drops an object)
 _TFDS = {
     "coco/2017": ("train", "validation", "is_crowd"),
@@ -40,6 +42,9 @@ class DetectionData(sources.Data):
 
     clipped: int = 0  # boxes that reached outside their image and were clipped to it at load
     category_ids: list[int] | None = None  # COCO folders: the category id of each class, to write results back
+    # COCO folders: the test split's `evaluation.coco_metrics` ground truth as the JSON has it, crowd objects
+    # (ignore regions, never trained on), unclipped boxes and the annotations' areas included
+    test_truth: list[dict] | None = None
 
 
 def load(
@@ -103,11 +108,14 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
     train and test splits; else its only `*.json` is split by `seed`, a fifth of its images (at least one) to test.
     An image's `file_name` is looked up in `folder/<split>/` (the JSON name after "instances_", e.g. train2017),
     `folder/images/` and `folder/`. The sorted category ids become classes 0..K-1 (`category_ids` maps them back).
-    Crowd annotations (iscrowd=1) are skipped; images without annotations are kept, with no boxes. Boxes reaching
-    outside their image are clipped to it and counted in `clipped`. Everything else that is wrong (invalid JSON,
-    an unknown image or category, a box of no width or height or wholly outside its image, a missing file, an
-    image header that is unreadable, over `max_pixels` pixels or disagrees with the JSON's width and height) is an
-    error naming the item, raised here, before any training.
+    Crowd annotations (iscrowd=1) are not trained on, but the evaluation sees them, with the unclipped boxes and
+    the JSON's areas, as COCO's does (`test_truth`); images without annotations are kept, with no boxes. Boxes
+    reaching outside their image are clipped to it and counted in `clipped`. Everything else that is wrong (a JSON
+    that is invalid, not a regular file or holds a value of the wrong type, a category id given twice or a category
+    name holding a control character, an unknown image or category, a box of no width or height or wholly outside
+    its image, a missing file, an image header that is unreadable, over `max_pixels` pixels or disagrees with the
+    JSON's width and height, a training split without a single box) is an error naming the item, raised here,
+    before any training.
     """
     check_int("max_pixels", max_pixels, required=True)
     annotations = os.path.join(folder, "annotations")
@@ -117,17 +125,19 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
     train_jsons = [f for f in jsons if f.startswith("instances_train")]
     val_jsons = [f for f in jsons if f.startswith("instances_val")]
     if len(train_jsons) == 1 and len(val_jsons) == 1:
-        categories, train, clipped, train_digest = _read_coco(folder, train_jsons[0], max_pixels)
+        train_json = train_jsons[0]
+        categories, train, clipped, train_digest = _read_coco(folder, train_json, max_pixels)
         val_categories, test, val_clipped, val_digest = _read_coco(folder, val_jsons[0], max_pixels)
         if val_categories != categories:
-            raise ValueError(f"{os.path.join(annotations, val_jsons[0])}: categories differ from {train_jsons[0]}'s")
+            raise ValueError(f"{os.path.join(annotations, val_jsons[0])}: categories differ from {train_json}'s")
         clipped += val_clipped
-        digests = {train_jsons[0]: train_digest, val_jsons[0]: val_digest}
+        digests = {train_json: train_digest, val_jsons[0]: val_digest}
     elif len(jsons) == 1:
-        categories, records, clipped, digest = _read_coco(folder, jsons[0], max_pixels)
-        digests = {jsons[0]: digest}
+        train_json = jsons[0]
+        categories, records, clipped, digest = _read_coco(folder, train_json, max_pixels)
+        digests = {train_json: digest}
         if len(records) < 2:
-            raise ValueError(f"{os.path.join(annotations, jsons[0])}: {len(records)} images, too few to split")
+            raise ValueError(f"{os.path.join(annotations, train_json)}: {len(records)} images, too few to split")
         order = np.random.default_rng(seed).permutation(len(records))
         num_test = max(1, round(len(records) / 5))
         test_idx, train_idx = np.sort(order[:num_test]), np.sort(order[num_test:])
@@ -138,6 +148,11 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
         raise ValueError(
             f"{annotations}: expected instances_train*.json and instances_val*.json, or a single *.json; "
             f"found {', '.join(jsons)}"
+        )
+    if not any(boxes for _, _, _, boxes, *_ in train):
+        raise ValueError(
+            f"{os.path.join(annotations, train_json)}: no boxes to train on in the {len(train)} training images "
+            "(crowd annotations are not trained on)"
         )
     category_ids = sorted(categories)
     sizes = {size for _, size, *_ in train}
@@ -165,6 +180,7 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
         fingerprint=fingerprint,
         clipped=clipped,
         category_ids=category_ids,
+        test_truth=[truth for *_, truth in test],
     )
 
 
@@ -273,29 +289,29 @@ def _background(rng):
 
 def _read_coco(folder, json_name, max_pixels):
     """`({category id: name}, images, clipped, SHA-256 of the file)` of a COCO instances JSON in `folder/annotations`:
-    images are `(file, (height, width), image id, boxes, classes)` in JSON order, boxes normalized, classes
-    contiguous."""
+    images are `(file, (height, width), image id, boxes, classes, truth)` in JSON order, boxes normalized and classes
+    contiguous, without crowd objects; `truth` is the image's `evaluation.coco_metrics` ground truth, with them."""
     path = os.path.join(folder, "annotations", json_name)
-    with open(path, "rb") as f:
-        content = f.read()
+    content = files_lib.read_regular(path, what="COCO annotations", max_bytes=MAX_JSON_BYTES)
     try:
         coco = json.loads(content.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "categories")):
-        raise ValueError(f"{path}: not a COCO instances file (no 'images' and 'categories' lists)")
+    _check_types(coco, path)
     categories = {}
-    for i, category in enumerate(coco["categories"]):
-        where = f"{path}: category {i}"
-        categories[_field(category, "id", where)] = str(_field(category, "name", where))
+    for category in coco["categories"]:
+        category_id, name = category["id"], category["name"]
+        if category_id in categories:
+            raise ValueError(f"{path}: category id {category_id} appears twice ({categories[category_id]!r}, {name!r})")
+        if (character := control_character(name)) is not None:
+            raise ValueError(f"{path}: category {category_id}: name {name!r} holds {character}; names are one per line")
+        categories[category_id] = name
     index = {c: k for k, c in enumerate(sorted(categories))}
 
     dirs = [os.path.join(folder, d) for d in (json_name.removesuffix(".json").removeprefix("instances_"), "images", "")]
     images = {}
-    for i, entry in enumerate(coco["images"]):
-        where = f"{path}: image {i}"
-        image_id, file_name = _field(entry, "id", where), _field(entry, "file_name", where)
-        size = (_field(entry, "height", where), _field(entry, "width", where))
+    for entry in coco["images"]:
+        image_id, file_name, size = entry["id"], entry["file_name"], (entry["height"], entry["width"])
         if image_id in images:
             raise ValueError(f"{path}: image id {image_id} appears twice")
         file = next((f for f in (os.path.join(d, file_name) for d in dirs) if os.path.isfile(f)), None)
@@ -304,52 +320,99 @@ def _read_coco(folder, json_name, max_pixels):
         if (actual := images_lib.image_size(file, max_pixels)) != size:
             height, width = actual
             raise ValueError(f"{file}: {width}x{height} pixels, but {json_name} says {size[1]}x{size[0]}")
-        images[image_id] = (file, size, image_id, [], [])
+        truth = {"image_id": image_id, "height": size[0], "width": size[1]}
+        truth |= {"boxes": [], "classes": [], "iscrowd": [], "areas": []}
+        images[image_id] = (file, size, image_id, [], [], truth)
 
     clipped = 0
     for i, annotation in enumerate(coco.get("annotations", [])):
-        where = f"{path}: annotation {annotation.get('id', i) if isinstance(annotation, dict) else i}"
-        image_id = _field(annotation, "image_id", where)
+        where = f"{path}: annotation {annotation.get('id', i)}"
+        image_id = annotation["image_id"]
         if image_id not in images:
             raise ValueError(f"{where}: image {image_id} is not among the images")
-        if annotation.get("iscrowd", 0):
-            continue
         where = f"{where} (image {image_id})"
-        category = _field(annotation, "category_id", where)
+        category = annotation["category_id"]
         if category not in index:
             raise ValueError(f"{where}: category {category} is not among the categories {sorted(categories)}")
-        bbox = _field(annotation, "bbox", where)
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"{where}: box {bbox!r} is not [x, y, width, height]")
-        x, y, w, h = bbox
-        if not all(math.isfinite(v) for v in bbox) or w <= 0 or h <= 0:
+        x, y, w, h = bbox = annotation["bbox"]
+        if w <= 0 or h <= 0:
             side = "height" if w > 0 else "width"
             raise ValueError(f"{where}: {side} {h if w > 0 else w} box {bbox}")
-        file, (height, width), _, boxes, classes = images[image_id]
+        file, (height, width), _, boxes, classes, truth = images[image_id]
         corners = (max(y, 0), max(x, 0), min(y + h, height), min(x + w, width))
         if corners[2] <= corners[0] or corners[3] <= corners[1]:
             raise ValueError(f"{where}: box {bbox} lies outside the {width}x{height} image {file}")
-        clipped += corners != (y, x, y + h, x + w)
-        boxes.append(np.array(corners) / [height, width, height, width])
-        classes.append(index[category])
+        crowd = int(annotation.get("iscrowd", 0))
+        truth["boxes"].append([y / height, x / width, (y + h) / height, (x + w) / width])
+        truth["classes"].append(index[category])
+        truth["iscrowd"].append(crowd)
+        truth["areas"].append(annotation.get("area", w * h))  # COCOeval needs one: w * h, as loadRes gives results
+        if not crowd:
+            clipped += corners != (y, x, y + h, x + w)
+            boxes.append(np.array(corners) / [height, width, height, width])
+            classes.append(index[category])
     return categories, list(images.values()), clipped, hashlib.sha256(content).hexdigest()
 
 
-def _field(entry, key, where):
-    if not isinstance(entry, dict) or key not in entry:
-        raise ValueError(f"{where}: no {key!r}")
-    return entry[key]
+def _finite(value):
+    return type(value) in (int, float) and abs(value) <= sys.float_info.max  # NaN compares False
+
+
+_INT = (lambda v: type(v) is int, "an integer")  # bool is no int here
+_NAME = (lambda v: isinstance(v, str), "a string")
+_SIDE = (lambda v: type(v) is int and v > 0, "a positive integer")
+_BOX = (lambda v: isinstance(v, list) and len(v) == 4 and all(map(_finite, v)), "[x, y, width, height] of 4 numbers")
+_CROWD = (lambda v: type(v) in (int, bool) and v in (0, 1), "0 or 1")
+_AREA = (lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+_SCHEMA = {  # section of a COCO instances file: (its entries, {field: (check, what it must be)}, optional fields)
+    "images": ("image", {"id": _INT, "file_name": _NAME, "width": _SIDE, "height": _SIDE}, ()),
+    "categories": ("category", {"id": _INT, "name": _NAME}, ()),
+    "annotations": (
+        "annotation",
+        {"id": _INT, "image_id": _INT, "category_id": _INT, "bbox": _BOX, "iscrowd": _CROWD, "area": _AREA},
+        ("id", "iscrowd", "area"),
+    ),
+}
+
+
+def _check_types(coco, path):
+    """A one-line ValueError naming the first entry of the COCO instances `coco` (read from `path`) that misses a
+    field or holds one of the wrong type; annotations are named by their id and image where those are valid."""
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "categories")):
+        raise ValueError(f"{path}: not a COCO instances file (no 'images' and 'categories' lists)")
+    if not isinstance(coco.get("annotations", []), list):
+        raise ValueError(f"{path}: 'annotations' must be a list, got {_shown(coco['annotations'])}")
+    for section, (kind, fields, optional) in _SCHEMA.items():
+        for i, entry in enumerate(coco.get(section, [])):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}: {kind} {i}: not an object, got {_shown(entry)}")
+            kind_i = f"{kind} {i}"
+            if kind == "annotation" and type(entry.get("id")) is int:
+                image_id = entry.get("image_id")
+                kind_i = f"annotation {entry['id']}" + (f" (image {image_id})" if type(image_id) is int else "")
+            for field, (valid, what) in fields.items():
+                if field not in entry:
+                    if field not in optional:
+                        raise ValueError(f"{path}: {kind_i}: no {field!r}")
+                elif not valid(entry[field]):
+                    raise ValueError(f"{path}: {kind_i}: {field!r} must be {what}, got {_shown(entry[field])}")
+
+
+def _shown(value, limit=80):
+    """`repr(value)`, shortened to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _coco_examples(records):
-    """Examples decoding the image files of `records` (`(file, size, image id, boxes, classes)`)."""
+    """Examples decoding the image files of `records` (`(file, size, image id, boxes, classes, truth)`)."""
     sizes = {size for _, size, *_ in records}
     shape = (*sizes.pop(), 3) if len(sizes) == 1 else (None, None, 3)
 
     def decode(file):
         return tf.ensure_shape(tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False), shape)
 
-    files, _, image_ids, boxes, classes = zip(*records)
+    files, _, image_ids, boxes, classes, _ = zip(*records)
     return _examples(np.array(files), boxes, classes, decode, image_ids)
 
 

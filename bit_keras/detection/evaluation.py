@@ -26,7 +26,9 @@ def coco_metrics(ground_truth, detections, num_classes):
     pycocotools has no ground truth for a metric (it reports -1). Per image at most 100 detections count (COCO's
     maxDets), the highest-scoring ones.
 
-    ground_truth: per-image dicts {"image_id", "height", "width", "boxes" [N, 4] normalized yxyx, "classes" [N]};
+    ground_truth: per-image dicts {"image_id", "height", "width", "boxes" [N, 4] normalized yxyx, "classes" [N]},
+    optionally "iscrowd" [N] (1: an ignore region, as COCO's crowd objects; default 0) and "areas" [N] (the
+    pixel areas that choose the small/medium/large range, as COCO's segment areas; default the boxes');
     detections: per-image dicts {"image_id", "boxes" [M, 4], "scores" [M], "classes" [M]}; an image may be missing.
     """
     image_ids = [int(gt["image_id"]) for gt in ground_truth]
@@ -42,15 +44,18 @@ def coco_metrics(ground_truth, detections, num_classes):
         image_id, height, width = int(gt["image_id"]), int(gt["height"]), int(gt["width"])
         sizes[image_id] = height, width
         images.append({"id": image_id, "height": height, "width": width})
-        for bbox, cls in zip(_xywh(gt["boxes"], height, width), np.asarray(gt["classes"]).reshape(-1)):
+        boxes, classes = _xywh(gt["boxes"], height, width), np.asarray(gt["classes"]).reshape(-1)
+        crowd = np.asarray(gt.get("iscrowd", np.zeros(len(boxes))), np.int64).reshape(-1)
+        areas = np.asarray(gt.get("areas", [w * h for *_, w, h in boxes]), np.float64).reshape(-1)
+        for bbox, cls, is_crowd, area in zip(boxes, classes, crowd, areas, strict=True):
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": int(cls),
                     "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": 0,
+                    "area": float(area),
+                    "iscrowd": int(is_crowd),
                 }
             )
     categories = [{"id": c, "name": str(c)} for c in range(num_classes)]

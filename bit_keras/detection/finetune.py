@@ -266,6 +266,8 @@ class DetectionRecipe(engine.Recipe):
 
     def evaluate(self, model, data, plan: engine.Plan) -> dict:
         truth, found = predict_dataset(model, data.test, plan.rule.batch)
+        if data.test_truth is not None:  # a COCO folder's annotations as they are, crowd regions and areas included
+            truth = data.test_truth
         scores = evaluation.coco_metrics(truth, found, data.num_classes)
         return {f"test_{name}": value for name, value in scores.items()}
 
