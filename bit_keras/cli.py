@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from bit_keras import defaults, startup
+from bit_keras import checks, defaults, startup
 
 # Parsed arguments that are not keyword arguments of the recipe.
 TRAINING_FLAGS = ("command", "func", "recipe", "quiet", "verbose")
@@ -239,7 +239,9 @@ def _detect(args):
     from bit_keras.detection.detect import detect, print_table
 
     given = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
-    results = detect(args.model, args.images, out=args.out, max_pixels=args.max_pixels, **given)
+    results = detect(
+        args.model, args.images, out=args.out, max_pixels=args.max_pixels, overwrite=args.overwrite, **given
+    )
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -412,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", default="detections", help="folder for the drawn PNGs (default: detections)")
     detect.add_argument("--score_threshold", type=float, default=None, help="lowest score shown (default 0.5)")
     detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    detect.add_argument("--overwrite", action="store_true", help="replace existing pictures in --out (never an input)")
     _add_max_pixels(detect)
     detect.set_defaults(func=_detect)
     for command in sub.choices.values():  # --verbose after the subcommand too
@@ -424,38 +427,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[startup.VERBOSE] = "1"
     try:
-        if args.func is not _models:
-            _load()
-        args.func(args)
+        with checks.command_line():  # messages name flags (--labels), not Python arguments (labels=)
+            if args.func is not _models:
+                import bit_keras
+
+                bit_keras.load()  # every module: the subcommands load `.keras` files, whose classes must be registered
+            args.func(args)
     except KeyboardInterrupt as stop:  # a run's (engine.RunStopped) says where the same command resumes it
         print(f"bit-keras {args.command}: {stop.args[0] if stop.args else 'stopped (Ctrl-C)'}", file=sys.stderr)
         return INTERRUPTED
     except BrokenPipeError:  # `bit-keras models | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as err:  # CheckpointError, ...
-        print(f"bit-keras {args.command}: {err}", file=sys.stderr)
-        return 1
     except Exception as err:
-        tf = sys.modules.get("tensorflow")
-        if tf is None or not isinstance(err, tf.errors.OpError):
-            raise
-        # e.g. an image whose body does not decode, met during training
-        print(f"bit-keras {args.command}: {type(err).__name__}: {err.message.splitlines()[0]}", file=sys.stderr)
+        if startup.verbose() and not _named(err):
+            raise  # --verbose: the traceback of what bit_keras did not foresee
+        print(f"bit-keras {args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _load() -> None:
-    """Every bit_keras module (its Keras classes registered: the subcommands load `.keras` files) and TensorFlow's
-    devices, their start-up lines silenced unless --verbose."""
-    import bit_keras
+# What bit_keras raises with a message naming the problem (CheckpointError and DownloadError among them).
+NAMED_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, RuntimeError)
 
-    bit_keras.load()
-    import tensorflow as tf
 
-    with startup.quiet_native_stderr():
-        tf.config.list_logical_devices()  # TensorFlow's device start-up lines (a failed cuInit on CPU hosts)
+def _named(err: Exception) -> bool:
+    """Whether `err` names its problem: one of `NAMED_ERRORS`, or a TensorFlow op error (an image that does not
+    decode, met during training)."""
+    tf = sys.modules.get("tensorflow")
+    return isinstance(err, NAMED_ERRORS) or (tf is not None and isinstance(err, tf.errors.OpError))
+
+
+def _one_line(err: Exception) -> str:
+    """The first line of `err`'s message (TensorFlow's own for op errors); for an error bit_keras did not foresee,
+    its type too and how to see the traceback."""
+    tf = sys.modules.get("tensorflow")
+    op_error = tf is not None and isinstance(err, tf.errors.OpError)
+    message = err.message if op_error else str(err)
+    line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    if op_error:
+        return f"{type(err).__name__}: {line}"
+    if _named(err):
+        return line or type(err).__name__
+    return f"unexpected {type(err).__name__}: {line} (rerun with --verbose for the traceback)"
 
 
 if __name__ == "__main__":

@@ -33,9 +33,17 @@ def quiet_native_stderr():
 
 def import_keras():
     """Import Keras quietly, on TensorFlow with TensorFlow's INFO lines (XLA service, ...), which say nothing to users,
-    off too (`TF_CPP_MIN_LOG_LEVEL=1` unless set, verbose or TensorFlow is imported already)."""
+    off too (`TF_CPP_MIN_LOG_LEVEL=1` unless set, verbose or TensorFlow is imported already). On TensorFlow the
+    physical devices are listed then, quietly: a CPU host's failed `cuInit` is printed once, at that first look.
+    Listing physical devices initializes no logical device, so a `MultiWorkerMirroredStrategy` created afterwards
+    can still configure its collectives (listing logical devices would prevent it)."""
     if not verbose() and "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with quiet_native_stderr():
         import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
     return keras

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from bit_keras import checks
 from bit_keras.data import images as images_lib
 from bit_keras.data import pipeline, sources
 
@@ -298,9 +299,11 @@ def test_image_folder_empty_test_split_is_refused_at_load(tmp_path):
     """One image per class, or test_fraction 0, leaves nothing to evaluate on: an error naming the folder and the
     remedies, not a missing val_accuracy deep in training."""
     one_each = _class_folder(tmp_path / "one", {"a": 1, "b": 1, "c": 1})
-    remedy = "add images, use train/ and test/ subfolders, or raise --test_fraction"
+    remedy = "add images, use train/ and test/ subfolders, or raise test_fraction$"
     message = re.escape(f"{one_each}: test_fraction 0.2 of 3 images in 3 classes leaves no test images")
     with pytest.raises(ValueError, match=message + r" \(each class keeps at least one for training\); " + remedy):
+        sources.load(image_folder=one_each)
+    with checks.command_line(), pytest.raises(ValueError, match="or raise --test_fraction$"):  # the flag's name there
         sources.load(image_folder=one_each)
     five_each = _class_folder(tmp_path / "five", {"a": 5, "b": 5})
     with pytest.raises(ValueError, match=re.escape(f"{five_each}: test_fraction 0 of 10 images in 2 classes")):

@@ -115,9 +115,9 @@ def test_resolution_override(override, expected):
 
 
 def test_resolution_errors():
-    with pytest.raises(ValueError, match="no image size or dataset.*image_size"):
+    with pytest.raises(ValueError, match="no image size or dataset; pass resolution=CROP"):
         hr.resolution()
-    with pytest.raises(ValueError, match="unknown dataset 'my_data'.*cifar10"):
+    with pytest.raises(ValueError, match="image size of .my_data. is unknown; pass resolution=CROP.*cifar10"):
         hr.hyperrule(1000, dataset="my_data")
     with pytest.raises(ValueError, match="crop <= resize"):
         hr.resolution(override=(100, 200))

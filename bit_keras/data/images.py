@@ -2,13 +2,16 @@
 datasets."""
 
 import contextlib
+import io
+import re
 import struct
 import threading
 
 import tensorflow as tf
 from PIL import Image
 
-from bit_keras.checks import check_int
+from bit_keras import files
+from bit_keras.checks import arg, check_int
 from bit_keras.defaults import MAX_PIXELS  # re-exported: images.MAX_PIXELS
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -17,13 +20,14 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 _FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # those of IMAGE_EXTENSIONS: Pillow alone would also open WebP, TIFF, ...
 _DECODABLE = (*_FORMATS, "WEBP")  # what tf.io.decode_image also reads
 _PILLOW_LIMIT = threading.Lock()
+MAX_FILE_BYTES = 1 << 30  # an image file read whole (predict, detect) is at most this large
 
 
 def files_dataset(files, labels, max_pixels=MAX_PIXELS):
-    """A decoding dataset over image files (headers checked first, `max_pixels` included) and their common
-    (height, width), or None."""
-    sizes = {image_size(f, max_pixels) for f in files}
-    size = sizes.pop() if len(sizes) == 1 else None
+    """A decoding dataset over image files (headers checked first, `max_pixels` included) and their (height, width)
+    sizes, in order."""
+    sizes = [image_size(f, max_pixels) for f in files]
+    size = common_size(sizes)
     shape = (*size, 3) if size else (None, None, 3)
 
     def load(file, label):
@@ -31,7 +35,19 @@ def files_dataset(files, labels, max_pixels=MAX_PIXELS):
         return tf.ensure_shape(image, shape), label
 
     slices = (tf.constant(files, tf.string), tf.constant(labels, tf.int64))
-    return tf.data.Dataset.from_tensor_slices(slices).map(load, num_parallel_calls=AUTOTUNE), size
+    return tf.data.Dataset.from_tensor_slices(slices).map(load, num_parallel_calls=AUTOTUNE), sizes
+
+
+def common_size(sizes):
+    """The (height, width) all of `sizes` share, or None."""
+    return sizes[0] if sizes and len(set(sizes)) == 1 else None
+
+
+def median_size(sizes):
+    """The (height, width) of median area among `sizes` (the lower middle one), or None for none: what BiT-HyperRule's
+    resolution rule, a rule on the images' area, reads when sizes vary."""
+    ordered = sorted(sizes, key=lambda size: (size[0] * size[1], size))
+    return tuple(ordered[(len(ordered) - 1) // 2]) if ordered else None
 
 
 def undecodable(files):
@@ -43,6 +59,19 @@ def undecodable(files):
     )
     good = {f.decode() for f, _ in decoded.ignore_errors().as_numpy_iterator()}
     return [f for f in files if f not in good]
+
+
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> bytes:
+    """The bytes of an image file (a regular file of at most `MAX_FILE_BYTES`), checked to be at most `max_pixels`
+    pixels by its header, then to decode as an image; a ValueError naming the file otherwise."""
+    check_pixel_limit(path, max_pixels)
+    data = files.read_regular(path, "images", MAX_FILE_BYTES)
+    try:
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as err:
+        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", err.message.splitlines()[0])  # TF's op decorations
+        raise ValueError(f"{path}: not a readable image ({reason})") from None
+    return data
 
 
 def image_size(path, max_pixels=MAX_PIXELS):
@@ -70,13 +99,24 @@ def _check_pixels(path, size, max_pixels):
     if height * width > max_pixels:
         raise ValueError(
             f"{path}: {width} x {height} = {width * height} pixels is over the limit of {max_pixels} "
-            "(raise it with --max_pixels)"
+            f"(raise it with {arg('max_pixels')})"
         )
+
+
+def encoded_size(data: bytes):
+    """`(height, width)` that TensorFlow decodes the encoded image `data` to (JPEG, PNG, GIF, BMP), from its header;
+    None if it does not read."""
+    return _stream_size(io.BytesIO(data), _FORMATS)
 
 
 def _header_size(path, formats):
     """`(height, width)` of `path` as TensorFlow decodes it, from its header in one of `formats`; None if unreadable."""
-    with open(path, "rb") as f, _no_pillow_limit():
+    with files.open_regular(path, "images") as f:
+        return _stream_size(f, formats)
+
+
+def _stream_size(f, formats):
+    with _no_pillow_limit():
         try:
             with Image.open(f, formats=formats) as image:  # given a file object, Pillow leaves it open for below
                 kind, size = image.format, image.size[::-1]

@@ -15,11 +15,12 @@ import urllib.parse
 import numpy as np
 import tensorflow as tf
 
-from bit_keras.checks import check_int
+from bit_keras.checks import arg, check_int, control_character
 from bit_keras.data import images as images_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 PROBE_S = 5  # a tfds download starts only once each of its hosts answers within this many seconds
+TFDS_SIZE_SAMPLE = 256  # images whose headers give the median size of a tfds dataset whose image sizes vary
 log = logging.getLogger(__name__)
 
 
@@ -32,10 +33,17 @@ class Data:
     class_names: list[str]
     num_train: int  # number of training examples
     size_source: str  # where num_train came from: "tfds metadata", "counted", "arrays" or "few-shot"
-    image_size: tuple | None  # (height, width) shared by the images, for the HyperRule resolution; None if unknown
+    image_size: tuple | None  # (height, width) shared by the training images; None if they differ or are unknown
     name: str
     files: tuple = ()  # the image files behind the splits, for image folders (to name one that fails to decode)
     fingerprint: dict | None = None  # a small JSON dict naming the data (a digest of its files or arrays), for resumes
+    # (height, width) of the training image of median area (`image_size` when they share one), from the files'
+    # headers: what BiT-HyperRule's resolution rule reads; None if unknown.
+    median_size: tuple | None = None
+
+    def __post_init__(self):
+        if self.median_size is None:
+            self.median_size = self.image_size
 
     @property
     def num_classes(self) -> int:
@@ -116,10 +124,22 @@ def from_tfds(name, train_split="train", test_split="test", data_dir=None, manua
 
     train = load(train_split).apply(tf.data.experimental.assert_cardinality(num_train))
     image_size = shape[:2] if None not in shape[:2] else None
+    median_size = image_size or _tfds_median_size(builder, train_split, image_key)
     fingerprint = tfds_fingerprint(name, builder, train_split, test_split, num_train)
-    return Data(
-        train, load(test_split), list(class_names), num_train, size_source, image_size, name, fingerprint=fingerprint
-    )
+    test = load(test_split)
+    return Data(train, test, list(class_names), num_train, size_source, image_size, name, (), fingerprint, median_size)
+
+
+def _tfds_median_size(builder, split, image_key):
+    """The median-area (height, width) of the first `TFDS_SIZE_SAMPLE` images of `split` (in tfds' own, shuffled
+    order), read from their encoded headers without decoding; None if there are none, or they do not read."""
+    import tensorflow_datasets as tfds
+
+    undecoded = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    sizes = [
+        images_lib.encoded_size(example[image_key]) for example in undecoded.take(TFDS_SIZE_SAMPLE).as_numpy_iterator()
+    ]
+    return None if None in sizes else images_lib.median_size(sizes)
 
 
 def _check_reachable(name, urls, local):
@@ -138,7 +158,7 @@ def _check_reachable(name, urls, local):
             host = f"{address.hostname}:{port}" + (f" (the proxy for {origin})" if proxy else "")
             raise ConnectionError(
                 f"{name} is not prepared and cannot be downloaded: {host} does not answer ({err.strerror or err}); "
-                f"offline, point --data_dir at a folder where {name} is prepared {local}"
+                f"offline, point {arg('data_dir')} at a folder where {name} is prepared {local}"
             ) from None
 
 
@@ -164,8 +184,9 @@ def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX
     class folders are ignored with a warning. Every file's header is read at load time (cheap, no
     decoding): one that is not a valid JPEG/PNG/GIF/BMP header, or that is over `max_pixels` pixels,
     is a ValueError naming the file, as is a file or class folder name that is not UTF-8 and a class
-    folder that links back to the folder. The image sizes give `image_size` when all training images
-    share one. A file whose header is valid but whose body is corrupt fails later, in the pipeline,
+    folder that links back to the folder, and a class folder name holding a line break or another control
+    character. The image sizes give `image_size` when all training images share one, and `median_size`. A file
+    whose header is valid but whose body is corrupt fails later, in the pipeline,
     with TensorFlow's decode error (`Data.decode_error` then names it).
     The training files are in a fixed random order (by `seed`); the test files in folder order.
     """
@@ -199,11 +220,12 @@ def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX
             raise ValueError(
                 f"{path}: test_fraction {test_fraction} of {len(files)} images in {len(classes)} classes leaves no "
                 "test images (each class keeps at least one for training); add images, use train/ and test/ "
-                "subfolders, or raise --test_fraction"
+                f"subfolders, or raise {arg('test_fraction')}"
             )
         how = f"a stratified {test_fraction * 100:g}% per class held out for testing, seed {seed}"
-    train, image_size = images_lib.files_dataset(train_files, train_labels, max_pixels)
+    train, sizes = images_lib.files_dataset(train_files, train_labels, max_pixels)
     test, _ = images_lib.files_dataset(test_files, test_labels, max_pixels)
+    image_size, median_size = images_lib.common_size(sizes), images_lib.median_size(sizes)
     name = os.path.basename(os.path.normpath(path))
     files = tuple(train_files) + tuple(test_files)
     log.info(
@@ -216,15 +238,18 @@ def from_image_folder(path, test_fraction=0.2, seed=0, max_pixels=images_lib.MAX
         "test": len(test_files),
         "sha256": files_digest(path, train=train_files, test=test_files),
     }
-    return Data(train, test, class_names, len(train_files), "counted", image_size, name, files, fingerprint)
+    return Data(
+        train, test, class_names, len(train_files), "counted", image_size, name, files, fingerprint, median_size
+    )
 
 
-def prepare_tfds(
-    builder, name, manual_dir=None, local="or --manual_dir at its downloaded files, or use --image_folder"
-):
+def prepare_tfds(builder, name, manual_dir=None, local=None):
     """`builder.download_and_prepare()`, downloading only once the dataset's download hosts (or the proxy to them)
     answer: offline, the error comes in seconds and names the alternatives, rather than after minutes of retries;
-    a failed download leaves no empty folder it created. `local` ends that error: the local alternatives."""
+    a failed download leaves no empty folder it created. `local` ends that error: the local alternatives (default:
+    a manual download folder, or an image folder)."""
+    if local is None:
+        local = f"or {arg('manual_dir')} at its downloaded files, or use {arg('image_folder')}"
     import tensorflow_datasets as tfds
 
     # tfds calls this (private) hook as a download starts: not for a prepared dataset, nor under
@@ -397,6 +422,11 @@ def _scan(root):
     for name in names:
         folder = os.path.join(root, name)
         _check_utf8(folder)
+        if found := control_character(name):
+            raise ValueError(
+                f"{os.fsencode(folder)!r}: the class folder's name holds the control character {found} (class names "
+                "are written one per line); rename it"
+            )
         target = os.path.realpath(folder)
         if os.path.islink(folder) and os.path.commonpath([target, real_root]) == target:
             raise ValueError(f"{folder}: a link to {target}, which holds the image folder itself (a loop); remove it")

@@ -5,12 +5,13 @@ import os
 import keras
 import tensorflow as tf
 
+from bit_keras.checks import arg
 from bit_keras.data import images as images_lib
+from bit_keras.data.images import read_image
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.detection import drawing
 from bit_keras.detection.retinanet import RetinaNet
 from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
-from bit_keras.serving.predict import read_image
 
 
 def detect(
@@ -19,6 +20,7 @@ def detect(
     score_threshold: float = drawing.SHOWN_SCORE,
     out: str | None = None,
     max_pixels: int = images_lib.MAX_PIXELS,
+    overwrite: bool = False,
 ):
     """`[{"image": path, "detections": [{"class", "label", "score", "box"}, ...], "picture": png}, ...]`, best
     first; `box` is (ymin, xmin, ymax, xmax) normalized to the image.
@@ -26,13 +28,15 @@ def detect(
     `model` is a detection export directory (its `serving_bytes` signature decodes, resizes, detects and names),
     a finished `bit-keras finetune-detector` run folder or its `model.keras` (class names from `class_names.txt`
     beside it), preprocessed the same way. Detections scoring at least `score_threshold` are kept. With `out`,
-    each image is written there with its boxes and labels drawn, as `out/NAME.png` ("picture" in the result).
-    Unreadable image files, and those over `max_pixels` pixels, are a ValueError naming the file, before anything
-    is written.
+    each image is written there with its boxes and labels drawn, as `out/NAME.png` ("picture" in the result). A
+    picture never replaces an input image, nor an existing file unless `overwrite` (the result's "replaced" then
+    says so). Unreadable image files, those over `max_pixels` pixels and clashing pictures are a ValueError naming
+    the file, before anything is detected or written.
     """
     number = isinstance(score_threshold, int | float) and not isinstance(score_threshold, bool)
     if not (number and 0 <= score_threshold <= 1):
-        raise ValueError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
+        raise ValueError(f"{arg('score_threshold')} must be a number in [0, 1], got {score_threshold!r}")
+    pictures = None if out is None else picture_paths(images, out, overwrite)
     encoded = [read_image(path, max_pixels) for path in images]
     found = _detector(model)(encoded)
     results = []
@@ -48,18 +52,39 @@ def detect(
             for j in keep
         ]
         result = {"image": str(path), "detections": detections}
-        if out is not None:
-            os.makedirs(out, exist_ok=True)
-            picture = os.path.join(out, f"{os.path.splitext(os.path.basename(path))[0]}.png")
+        if pictures is not None:
             image = tf.io.decode_image(encoded[i], channels=3, expand_animations=False).numpy()
             names = [d["label"] for d in detections]
             drawn = drawing.draw_boxes(
                 image, [d["box"] for d in detections], range(len(names)), names, [d["score"] for d in detections]
             )
-            drawing.save_png(drawn, picture)
-            result["picture"] = picture
+            result["picture"], replaced = pictures[i], os.path.lexists(pictures[i])
+            drawing.save_png(drawn, pictures[i])
+            if replaced:
+                result["replaced"] = True
         results.append(result)
     return results
+
+
+def picture_paths(images: list[str], out: str, overwrite: bool = False) -> list[str]:
+    """Where `detect` draws each of `images`: `out/NAME.png`. A ValueError naming the file when one would replace an
+    input image, when two images would be drawn to one file, or (unless `overwrite`) when one exists."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is not a folder: {arg('out')} names the folder the pictures are drawn in")
+    inputs = {os.path.realpath(path): path for path in images}
+    pictures, drawn = [], {}
+    for path in images:
+        picture = os.path.join(out, f"{os.path.splitext(os.path.basename(path))[0]}.png")
+        real = os.path.realpath(picture)
+        if real in inputs:
+            raise ValueError(f"{picture}: drawing {path} there would replace the input image {inputs[real]}")
+        if real in drawn:
+            raise ValueError(f"{picture}: both {drawn[real]} and {path} would be drawn there; rename one")
+        if os.path.lexists(picture) and not overwrite:
+            raise ValueError(f"{picture} exists: pass {arg('overwrite')} to replace it, or choose another {arg('out')}")
+        drawn[real] = path
+        pictures.append(picture)
+    return pictures
 
 
 def _detector(model: str):
@@ -84,7 +109,9 @@ def _detector(model: str):
 
     path = os.path.join(model, MODEL_FILE) if os.path.isdir(model) else model
     if not path.endswith(".keras") or not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist (--model: a detection run folder, .keras file or export)")
+        raise FileNotFoundError(
+            f"{path} does not exist ({arg('model')}: a detection run folder, .keras file or export)"
+        )
     detector = keras.saving.load_model(path)
     if not isinstance(detector, RetinaNet):
         raise ValueError(f"{path} holds a {type(detector).__name__}, not a bit_keras RetinaNet")
@@ -106,7 +133,8 @@ def print_table(results) -> None:
     for result in results:
         found = result["detections"]
         print(f"{result['image']}: {len(found)} detection{'' if len(found) == 1 else 's'}", end="")
-        print(f" (drawn in {result['picture']})" if "picture" in result else "")
+        replaced = ", replacing the file there" if result.get("replaced") else ""
+        print(f" (drawn in {result['picture']}{replaced})" if "picture" in result else "")
         width = max((len(d["label"]) for d in found), default=0)
         for d in found:
             box = ", ".join(f"{v:.3f}" for v in d["box"])

@@ -2,7 +2,6 @@
 the model resolver accepts."""
 
 import os
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -34,7 +33,7 @@ def predict(
     """
     check_int("top_k", top_k)
     check_int("image_size", image_size)
-    encoded = [read_image(path, max_pixels) for path in images]
+    encoded = [images_lib.read_image(path, max_pixels) for path in images]
     saved_model = os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb"))
     if (saved_model or formats.file_format(model)) and (labels or image_size):
         raise ValueError(
@@ -82,16 +81,3 @@ def predict(
         }
         for i, path in enumerate(images)
     ]
-
-
-def read_image(path: str, max_pixels: int = images_lib.MAX_PIXELS) -> bytes:
-    """The file's bytes, checked to be at most `max_pixels` pixels by its header, then to decode as an image."""
-    images_lib.check_pixel_limit(path, max_pixels)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        tf.io.decode_image(data, channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError as err:
-        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", err.message.splitlines()[0])  # TF's op decorations
-        raise ValueError(f"{path}: not a readable image ({reason})") from None
-    return data

@@ -25,10 +25,10 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from bit_keras.checks import check_finite, check_int
+from bit_keras.checks import arg, check_finite, check_int, control_character
 from bit_keras.data import images, sources
 from bit_keras.training import logs
-from bit_keras.training.run_folder import RunFolder, RunResult, headline_metric, strict_json
+from bit_keras.training.run_folder import RunFolder, RunResult, format_score, headline_metric, strict_json
 from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
 from bit_keras.training.trainer import Objective, Trainer, mixed_precision_policy
 
@@ -40,7 +40,8 @@ class FinishedRun(ValueError):
 
     def __init__(self, run: RunFolder, metrics: dict):
         super().__init__(
-            f"{run.path} holds a finished run ({run.metrics_path}); choose another --name or pass --overwrite"
+            f"{run.path} holds a finished run ({run.metrics_path}); choose another {arg('name')} or pass "
+            f"{arg('overwrite')}"
         )
         self.run_dir, self.metrics = run.path, metrics
 
@@ -89,7 +90,7 @@ class RunOptions:
         check_int("max_pixels", self.max_pixels, required=True)
         check_finite("base_lr", self.base_lr, positive=True)
         if self.name is not None and not self.name.strip():
-            raise ValueError("name must not be empty (leave it out for the default)")
+            raise ValueError(f"{arg('name')} must not be empty (leave it out for the default)")
         check_int("seed", self.seed, minimum=0)
         mixed_precision_policy(self.mixed_precision)
         if not isinstance(self.strategy, tf.distribute.Strategy):
@@ -99,9 +100,9 @@ class RunOptions:
             k for k, default in (("train_split", "train"), ("test_split", "test")) if getattr(self, k) != default
         ]
         if tfds_only and (self.dataset is None or self.dataset in sources.BUNDLED):
-            raise ValueError("; ".join(f"{k} applies to a tfds dataset only" for k in tfds_only))
+            raise ValueError("; ".join(f"{arg(k)} applies to a tfds dataset only" for k in tfds_only))
         if self.test_fraction != 0.2 and self.image_folder is None:
-            raise ValueError("test_fraction applies to an image folder only")
+            raise ValueError(f"{arg('test_fraction')} applies to an image folder only")
 
     def eval_interval(self, rule: "Rule") -> int:
         """`eval_every`, or the rule's default."""
@@ -174,7 +175,10 @@ class Recipe(abc.ABC):
     def load_data(self, options: RunOptions) -> sources.Data:
         data = options.load_data()
         if data is None:
-            raise ValueError(f"{self.task} needs data: a tfds dataset name or an image folder")
+            raise ValueError(
+                f"{self.task} needs data: a tfds dataset name ({arg('dataset')}) or an image folder "
+                f"({arg('image_folder')})"
+            )
         return data
 
     @abc.abstractmethod
@@ -211,6 +215,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
         for split in ("train", "test"):
             if int(getattr(data, split).cardinality()) == 0:
                 raise ValueError(f"{data.name}: the {split} split is empty")
+        check_class_names(data)
         plan = recipe.plan(data, options)
         config = {**plan.config, "data_fingerprint": data.fingerprint}  # a resume on changed data is refused
         rule, replicas, split = plan.rule, strategy.num_replicas_in_sync, options.batch_split
@@ -279,12 +284,19 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     return RunResult(model, metrics, run.path)
 
 
+def check_class_names(data: sources.Data) -> None:
+    """A one-line error naming the first class name that holds a line break or another control character: class
+    names are written one per line (class_names.txt) and shown in logs and tables."""
+    for name in data.class_names:
+        if found := control_character(name):
+            raise ValueError(f"{data.name}: class name {name!r} holds the control character {found}; rename it")
+
+
 def result_line(metrics: dict, run_dir: str) -> str:
     """What a run reports at its end (and when it is run again): its headline test score (COCO AP for detection,
     else accuracy), steps and folder."""
     headline = headline_metric(metrics)
-    value = metrics[headline]  # None if it was not a finite number
-    score = "-" if value is None else f"{value:.4f}"
+    score = format_score(metrics[headline])  # None if it was not a finite number
     return f"{headline.replace('_', ' ')} {score} after {metrics['steps']} steps; run folder {run_dir}"
 
 
@@ -349,7 +361,7 @@ class RunCallback(keras.callbacks.Callback):
             kept = f"the checkpoint of step {last} is kept" if last else "no checkpoint was written yet"
             where = f"{kept} in {self.run.checkpoint_dir}"
             raise FloatingPointError(
-                f"the training loss became {loss} at step {step}: the run stopped ({where}); lower --base_lr or "
+                f"the training loss became {loss} at step {step}: the run stopped ({where}); lower {arg('base_lr')} or "
                 "check the data"
             )
         if step >= self.total_steps:

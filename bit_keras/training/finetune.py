@@ -6,7 +6,7 @@ import os
 import keras
 import tensorflow as tf
 
-from bit_keras.checks import check_finite, check_int
+from bit_keras.checks import arg, check_finite, check_int
 from bit_keras.data import pipeline, sources
 from bit_keras.data.images import MAX_PIXELS
 from bit_keras.defaults import FINETUNE_EMBEDDED as EMBEDDED  # with no data given: the bundled digits, offline
@@ -138,13 +138,15 @@ class HyperRuleRecipe(engine.Recipe):
         size, size_source = (self.dataset_size, "flag") if given_size else (data.num_train, data.size_source)
         rule = hyperrule_lib.hyperrule(
             size,
-            data.image_size,
+            data.median_size,
             data.name,
             batch=options.batch,
             base_lr=options.base_lr,
             resolution_override=options.resolution,
             steps=self.steps,
         )
+        sizes_vary = data.image_size is None and data.median_size is not None
+        why = hyperrule_lib.resolution_rule(data.median_size, data.name, options.resolution, sizes_vary)[2]
         if self.mixup_alpha is not None:
             rule = dataclasses.replace(rule, mixup_alpha=self.mixup_alpha)
         warnings = []
@@ -156,11 +158,11 @@ class HyperRuleRecipe(engine.Recipe):
                 f"~{rule.steps * batch / data.num_train:,.0f} epochs"
             )
             rule = dataclasses.replace(rule, batch=batch, lr=hyperrule_lib.scaled_lr(batch, rule.base_lr))
-        if data.image_size and rule.crop >= UPSAMPLING_WARNING * min(data.image_size):
+        if data.median_size and rule.crop >= UPSAMPLING_WARNING * min(data.median_size):
+            height, width = data.median_size
             warnings.append(
-                f"the {rule.crop}px crops upsample the {data.image_size[0]}x{data.image_size[1]} images "
-                f"{rule.crop / min(data.image_size):.0f}x (the HyperRule's size for small images); --resolution "
-                "sets a smaller one"
+                f"the {rule.crop}px crops upsample the {height}x{width} images {rule.crop / min(height, width):.0f}x "
+                f"(the HyperRule's size for small images); {arg('resolution')} sets a smaller one"
             )
         config = {
             "data": data.name,
@@ -182,6 +184,7 @@ class HyperRuleRecipe(engine.Recipe):
             description.append(
                 f"the HyperRule uses dataset_size={size:,} (given), not the {data.num_train:,} examples found"
             )
+        description.append(f"BiT-HyperRule resolution: resize {rule.resize}, crop {rule.crop}, by {why}")
         description.append(rule.describe())
         if rule.batch != hyperrule_lib.BATCH:
             description.append(

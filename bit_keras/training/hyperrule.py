@@ -12,6 +12,8 @@ import numbers
 import keras
 from keras import ops
 
+from bit_keras.checks import arg
+
 BASE_LR = 0.003  # at BATCH
 BATCH = 512
 DEFAULTS = {"batch": BATCH, "base_lr": BASE_LR}  # what fine-tuning uses when not told otherwise
@@ -39,26 +41,38 @@ def resolution(image_size=None, dataset=None, override=None):
     """`(resize, crop)` for training: resize to `resize`, random-crop `crop`; evaluate resized to `crop`.
 
     Images under 96*96 pixels get (160, 128), others (512, 480), as the official code; the paper's
-    text says 448/384 for the large case. `image_size` is an int or `(height, width)` and wins over
-    `dataset`, a key of `KNOWN_IMAGE_SIZES` (a TFDS version suffix such as ":3.0.2" is ignored).
-    `override` wins over both: a crop (resized at the same 512/480 ratio) or a `(resize, crop)` pair.
+    text says 448/384 for the large case. `image_size` is an int or `(height, width)` (the images' size, or the
+    median-area one's when sizes vary) and wins over `dataset`, a key of `KNOWN_IMAGE_SIZES` (a TFDS version suffix
+    such as ":3.0.2" is ignored). `override` wins over both: a crop (resized at the same 512/480 ratio) or a
+    `(resize, crop)` pair.
     """
+    return resolution_rule(image_size, dataset, override)[:2]
+
+
+def resolution_rule(image_size=None, dataset=None, override=None, sizes_vary=False):
+    """`resolution`'s `(resize, crop)` and which rule gave them, and why, in words for the log (`sizes_vary`: the
+    images differ in size and `image_size` is the median-area one's)."""
     if override is not None:
         resize, crop = override if isinstance(override, (tuple, list)) else (round(override * 512 / 480), override)
         if not 1 <= crop <= resize:
             raise ValueError(f"resolution override needs 1 <= crop <= resize, got resize={resize} crop={crop}")
-        return int(resize), int(crop)
+        return int(resize), int(crop), f"the resolution given ({arg('resolution')})"
     if image_size is None:
         name = dataset.split(":")[0] if dataset else None
         if name not in KNOWN_IMAGE_SIZES:
-            what = f"unknown dataset {dataset!r}" if dataset else "no image size or dataset"
+            what = f"the image size of {dataset!r} is unknown" if dataset else "no image size or dataset"
             raise ValueError(
-                f"BiT-HyperRule resolution: {what}; pass image_size=(height, width), a resolution override, "
-                f"or one of the known datasets {sorted(KNOWN_IMAGE_SIZES)}"
+                f"BiT-HyperRule resolution: {what}; pass {arg('resolution', 'CROP')} (e.g. 128 for images under "
+                f"96x96 pixels, 480 above), or use one of the known datasets {sorted(KNOWN_IMAGE_SIZES)}"
             )
-        image_size = KNOWN_IMAGE_SIZES[name]
+        image_size, whose = KNOWN_IMAGE_SIZES[name], f"{name}'s images (the HyperRule's table)"
+    else:
+        whose = "the median-area training image" if sizes_vary else "the training images"
     height, width = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
-    return (160, 128) if height * width < SMALL_AREA else (512, 480)
+    small = height * width < SMALL_AREA
+    rule = "the rule for small images, under 96x96 pixels" if small else "the rule for images of 96x96 pixels or more"
+    resize, crop = (160, 128) if small else (512, 480)
+    return resize, crop, f"{rule}: {whose}: {height}x{width} = {height * width:,} pixels"
 
 
 def schedule(dataset_size):
