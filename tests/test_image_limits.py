@@ -130,6 +130,7 @@ def test_coco_folder_refuses_a_huge_image(tmp_path, huge):
             {"id": 1, "file_name": "1.png", "width": 4, "height": 4},
         ],
         "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": k + 1, "image_id": k, "category_id": 1, "bbox": [0, 0, 2, 2]} for k in (0, 1)],
     }
     _write(tmp_path / "annotations" / "instances_default.json", json.dumps(coco).encode())
     path = tmp_path / "images" / "0.png"

@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bit_keras import files as files_lib
-from bit_keras.checks import check_int, control_character
+from bit_keras.checks import arg, check_int, control_character
 from bit_keras.data import images as images_lib
 from bit_keras.data import sources
 
@@ -198,7 +198,7 @@ def from_tfds(name, train_split=None, test_split=None, data_dir=None):
     default_train, default_test, dropped = _TFDS[name]
     train_split, test_split = train_split or default_train, test_split or default_test
     builder = tfds.builder(name, data_dir=data_dir)
-    sources.prepare_tfds(builder, name, local="or use --coco_folder")
+    sources.prepare_tfds(builder, name, local=f"or use {arg('coco_folder')}")
     info = builder.info
     class_names = list(info.features["objects"]["label"].names)
     try:
