@@ -230,9 +230,10 @@ assert "bit_keras" not in sys.modules
     np.testing.assert_allclose(served["raw_detection_boxes"], boxes, atol=1e-5)
 
     pictures = str(tmp_path / "pictures")
-    for spec in (out, result.run_dir):
+    for spec, overwrite in ((out, []), (result.run_dir, ["--overwrite"])):  # the second draws over the first
         detect = subprocess.run(
-            [*BIT_KERAS, "detect", "--model", spec, image_path, "--out", pictures, "--score_threshold", "0", "--json"],
+            [*BIT_KERAS, "detect", "--model", spec, image_path, "--out", pictures, "--score_threshold", "0", "--json"]
+            + overwrite,
             capture_output=True,
             text=True,
             env=_env(tmp_path),
@@ -240,6 +241,7 @@ assert "bit_keras" not in sys.modules
         assert detect.returncode == 0, detect.stderr
         found = json.loads(detect.stdout)[0]
         assert found["detections"] and found["picture"] == os.path.join(pictures, "img1.png")
+        assert found.get("replaced", False) == bool(overwrite)
         assert Image.open(found["picture"]).size == (288, 288)  # drawn on the image upscaled for legible labels
 
 

@@ -114,8 +114,8 @@ class RunFolder:
     def locked(self):
         """Hold the folder's lock (`.lock`, an exclusive `flock`) while the block runs; a one-line error naming the
         folder and the holder when another process holds it. The kernel releases it when its holder dies, so a
-        killed run leaves no stale lock. When the block fails before the run started (no run.json), the lock and
-        the folders made for it are removed again."""
+        killed run leaves no stale lock. When the block ends before the run started (`start`), the lock and the
+        folders made for it are removed again."""
         created = _missing_folders(self.path)
         os.makedirs(self.path, exist_ok=True)
         path = os.path.join(self.path, LOCK)
@@ -133,14 +133,14 @@ class RunFolder:
             raise ValueError(
                 f"{self.path} is in use by another run ({holder}); wait for it or use another {arg('name')}"
             ) from None
-        started = False
+        self.started = False
         try:
             try:
                 os.ftruncate(fd, 0)
-                os.write(
-                    fd,
-                    f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
-                )
+                holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                view = memoryview(holder.encode())
+                while view:  # a write may be partial (then the next one fails with the reason)
+                    view = view[os.write(fd, view) :]
             except OSError as err:
                 if err.errno in files.DISK_FULL:
                     raise files.disk_full(err, path) from None
@@ -149,10 +149,8 @@ class RunFolder:
             for folder in (self.path, self.checkpoint_dir):  # what a killed run left half-written
                 files.remove_temporaries(folder)
             yield
-            started = True
         finally:
-            started = started or os.path.exists(os.path.join(self.path, CONFIG))
-            if not started:
+            if not self.started:
                 _remove_unstarted(created, path if made_lock else None)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
@@ -187,8 +185,6 @@ class RunFolder:
             problem = "it is not a JSON object"
         elif not (isinstance(weights, str) and WEIGHTS_NAME.fullmatch(weights)):
             problem = f"'weights' is {weights!r}, not the name of a step-S.npz file in {self.checkpoint_dir}"
-        elif os.path.islink(os.path.join(self.checkpoint_dir, weights)):
-            problem = f"'weights' names {weights}, a symbolic link"
         elif not (isinstance(state.get("step"), int) and state["step"] >= 0 and isinstance(state.get("evals"), list)):
             problem = "'step' is not a step number or 'evals' not a list"
         if problem:
@@ -224,6 +220,8 @@ class RunFolder:
             )
 
     def start(self, config):
+        """Write run.json: from here on the run has started (what it writes stays, however it ends)."""
+        self.started = True
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         self._write_json(os.path.join(self.path, CONFIG), config)
 
