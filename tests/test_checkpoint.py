@@ -1,5 +1,6 @@
 """The official .npz layout: exact key mapping, strict loading (no half-loaded model), saving."""
 
+import io
 import os
 import pathlib
 import tracemalloc
@@ -204,3 +205,75 @@ def test_npz_larger_than_any_checkpoint_is_refused(small_npz, monkeypatch):
         read_npz(small_npz)
     monkeypatch.setattr(checkpoint, "MAX_NPZ_BYTES", sum(sizes))
     assert len(read_npz(small_npz)) == len(sizes)
+
+
+def npy_member(path, name, header, data):
+    """An `.npz` at `path` holding one member `name`: an `.npy` header of `header` (descr, shape) and then `data`."""
+    descr, shape = header
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(name, buffer.getvalue() + data)
+    return str(path)
+
+
+def test_npy_header_declaring_terabytes_is_refused_before_allocating(tmp_path):
+    """A 323-byte member whose header declares (10^6, 10^6) float32 (3.64 TiB): numpy would try to allocate it."""
+    key = "resnet/root_block/standardized_conv2d/kernel.npy"
+    path = npy_member(tmp_path / "huge.npz", key, ("<f4", (10**6, 10**6)), os.urandom(195))
+    assert zipfile.ZipFile(path).getinfo(key).file_size == 323
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            bit_keras.create_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    assert str(info.value) == (
+        f"{path}: member {key!r} declares shape (1000000, 1000000) float32 (4,000,000,000,000 bytes) but holds "
+        "195 bytes of data"
+    )
+    with pytest.raises(CheckpointError, match=r"declares shape \(4,\) float32 \(16 bytes\) but holds 20 bytes"):
+        read_npz(npy_member(tmp_path / "long.npz", "x.npy", ("<f4", (4,)), bytes(20)))  # trailing data
+
+
+@pytest.mark.parametrize(
+    "descr,data,dtype",
+    [("|O", bytes(8), "object"), ("<U3", bytes(12), "<U3"), ("|b1", bytes(2), "bool"), ([("a", "<f4")], bytes(8), "")],
+    ids=["object", "str", "bool", "structured"],
+)
+def test_non_numeric_dtypes_are_refused_naming_the_member(descr, data, dtype, tmp_path):
+    key = "resnet/group_norm/beta.npy"
+    path = npy_member(tmp_path / "odd.npz", key, (descr, (len(data) // np.dtype(descr).itemsize,)), data)
+    with pytest.raises(CheckpointError, match=f"^{path}: member {key!r} has dtype {dtype}.*: not numeric weights$"):
+        read_npz(path)
+
+
+def test_unreadable_member_is_named(tmp_path):
+    path = tmp_path / "junk.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("resnet/group_norm/beta.npy", b"no npy header at all")
+    with pytest.raises(CheckpointError, match=rf"^{path}: member 'resnet/group_norm/beta.npy' is unreadable \(.+\)$"):
+        read_npz(str(path))
+
+
+def test_read_npz_gives_what_np_load_gives(tmp_path):
+    """Every numeric layout np.save writes: C and Fortran order, big-endian, scalars, empty arrays; writable."""
+    arrays = {
+        "c": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "scalar": np.float16(1.5),
+        "empty": np.zeros((0, 3), np.float32),
+        "nested/key": np.ones(3, np.complex64),
+    }
+    np.savez_compressed(tmp_path / "all.npz", **arrays)
+    read = read_npz(str(tmp_path / "all.npz"))
+    with np.load(tmp_path / "all.npz") as expected:
+        assert read.keys() == set(expected.files)
+        for key in expected.files:
+            assert read[key].dtype == expected[key].dtype and read[key].shape == expected[key].shape, key
+            np.testing.assert_array_equal(read[key], expected[key])
+            assert read[key].flags.writeable
+    assert checkpoint.check_npz(str(tmp_path / "all.npz")) is None

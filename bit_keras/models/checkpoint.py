@@ -4,9 +4,11 @@ Every key of the file must be consumed and every weight of the model set; anythi
 `CheckpointError` naming the key (and both shapes), raised before a single weight is assigned.
 """
 
+import math
 import os
 import re
 import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -21,6 +23,7 @@ MAX_NPZ_BYTES = 8 << 30  # uncompressed; the biggest BiT checkpoint (R152x4, ~93
 # deflate inflates zeros up to ~1000x: a larger member compressed more than this is a zip bomb, not weights.
 MAX_COMPRESSION_RATIO = 100
 RATIO_MIN_BYTES = 4 << 20
+CHUNK_BYTES = 16 << 20  # arrays are read in pieces of this size
 
 
 class CheckpointError(ValueError):
@@ -71,23 +74,81 @@ def layout(model):
 
 
 def read_npz(path):
-    """All arrays of an `.npz` file as a dict; a clear one-line error for anything that is not one.
+    """All arrays of an `.npz` file as a dict; a one-line `CheckpointError` naming the file (and member) for anything
+    that is not one. The zip directory and every `.npy` header are checked before data is read (`check_npz`), so a
+    zip bomb or a header declaring terabytes is refused before anything is inflated or allocated."""
+    return _read_npz(path, read_data=True)
 
-    The zip directory is checked first, so a zip bomb is refused before it is inflated.
-    """
+
+def check_npz(path):
+    """A `CheckpointError` unless `path` passes the checks of `read_npz`; reads only the zip directory and headers."""
+    _read_npz(path, read_data=False)
+
+
+def _read_npz(path, read_data):
     try:
-        with zipfile.ZipFile(path) as archive:
-            _check_member_sizes(archive, path)
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (FileNotFoundError, CheckpointError):
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint (truncated or not an npz: {detail})") from None
+        f = files.open_regular(path, "a .npz checkpoint")  # a FIFO or device would block the read, or never end
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    arrays = {}
+    with f:
+        try:
+            archive = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            what = "not a readable .npz checkpoint (truncated or not an npz"
+            raise CheckpointError(f"{path}: {what}: {_first(err)})") from None
+        with archive:
+            check_member_sizes(archive, path)
+            for info in archive.infolist():
+                try:
+                    with archive.open(info) as member:
+                        key, dtype, shape, fortran = _member_header(member, info, path)
+                        if read_data:
+                            arrays[key] = _member_array(member, dtype, shape, fortran)
+                except CheckpointError:
+                    raise
+                except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, RuntimeError) as err:
+                    raise CheckpointError(f"{path}: member {info.filename!r} is unreadable ({_first(err)})") from None
+    return arrays
 
 
-def _check_member_sizes(archive, path):
+def _first(err):
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _member_header(member, info, path):
+    """`(key, dtype, shape, fortran_order)` of an `.npy` member, its header checked against the member's size."""
+    where = f"{path}: member {info.filename!r}"
+    if not info.filename.endswith(".npy"):
+        raise CheckpointError(f"{where} is not an .npy array: not a checkpoint")
+    version = np.lib.format.read_magic(member)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise CheckpointError(f"{where} is a version {version[0]}.{version[1]} .npy file, not one of numeric weights")
+    shape, fortran, dtype = read_header[version](member)
+    if not np.issubdtype(dtype, np.number):  # object (pickled), strings, structured, bool, dates: not weights
+        raise CheckpointError(f"{where} has dtype {dtype}: not numeric weights")
+    declared, held = math.prod(shape) * dtype.itemsize, info.file_size - member.tell()
+    if declared != held:
+        raise CheckpointError(
+            f"{where} declares shape {shape} {dtype} ({declared:,} bytes) but holds {held:,} bytes of data"
+        )
+    return info.filename.removesuffix(".npy"), dtype, shape, fortran
+
+
+def _member_array(member, dtype, shape, fortran):
+    """The array whose data follows the header in `member`, read in chunks into a writable array."""
+    array = np.empty(shape[::-1] if fortran else shape, dtype)
+    view, done = memoryview(array.reshape(-1).view(np.uint8)), 0
+    while done < len(view):
+        read = member.readinto(view[done : done + CHUNK_BYTES])
+        if not read:
+            raise EOFError(f"the data ends after {done:,} of {len(view):,} bytes")
+        done += read
+    return array.T if fortran else array
+
+
+def check_member_sizes(archive, path):
     """A CheckpointError naming the member unless the declared sizes of `archive`'s members are plausible weights:
     at most `MAX_NPZ_BYTES` in all, and members above `RATIO_MIN_BYTES` compressed at most `MAX_COMPRESSION_RATIO`."""
     total = 0
