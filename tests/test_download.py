@@ -303,3 +303,18 @@ def test_sha256_of_a_local_file_is_checked_and_the_file_kept(tmp_path):
     with pytest.raises(DownloadError, match=f"^{local}: SHA-256 mismatch: expected {sha256(b'x')}, got"):
         fetch(str(local), sha256=sha256(b"x"))
     assert local.read_bytes() == b"local"
+
+
+def test_check_reachable_probes_the_host_or_its_proxy(http_server, monkeypatch):
+    """A host that answers passes; a closed port fails at once naming the host, and through a proxy, the proxy."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    download.check_reachable([http_server.base + "/a.npz", http_server.base + "/b.npz"], "x", "y")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as info:
+        download.check_reachable(["http://127.0.0.1:1/a.npz"], "a", "use b")
+    assert time.monotonic() - start < download.PROBE_S
+    assert str(info.value) == "a: 127.0.0.1:1 does not answer (Connection refused); offline, use b"
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:1")
+    with pytest.raises(ConnectionError, match=r"^x: 127\.0\.0\.1:1 \(the proxy for https://example\.org\) does not"):
+        download.check_reachable(["https://example.org/bit_models/a.npz"], "x", "y")

@@ -13,6 +13,7 @@ import http.client
 import math
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +29,7 @@ TIMEOUT_S = 60  # the longest one read may wait
 DEADLINE_ENV = "BIT_KERAS_DOWNLOAD_DEADLINE"
 DEADLINE_S = 3600  # the longest a whole download may take
 USER_AGENT = "bit_keras"
+PROBE_S = 5  # a host that accepts no connection within this many seconds is unreachable
 _HTTP_SCHEMES = ("http", "https")
 
 
@@ -67,7 +69,8 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False, *, sha256=Non
     """Return a local path for ``url_or_path``, downloading it if needed.
 
     Local paths are returned unchanged and ``file://`` URLs as their local
-    path, after checking they exist (FileNotFoundError otherwise). Remote URLs
+    path, after checking they exist (FileNotFoundError otherwise) and are regular
+    files (a one-line ValueError for a FIFO or device). Remote URLs
     are returned from the cache without network access when already there
     (unless ``force``); otherwise they are streamed to a temporary file (``bit_keras.files``)
     beside the cache path, checked against the announced size and renamed into
@@ -91,6 +94,7 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False, *, sha256=Non
             path = urllib.request.url2pathname(parsed.path)
         if not os.path.exists(path):
             raise FileNotFoundError(2, "No such file or directory", path)
+        files.check_regular(path, "a model or label file")
         _check_digest(path, path, expected)
         return path
 
@@ -109,6 +113,25 @@ def fetch(url_or_path, cache_dir=None, progress=True, force=False, *, sha256=Non
             raise DownloadError(f"{url_or_path}: truncated: got {size} of {total} bytes")
         _check_digest(tmp, url_or_path, expected)
     return dest
+
+
+def check_reachable(urls, what, offline):
+    """A one-line `ConnectionError` "WHAT: HOST does not answer (REASON); offline, OFFLINE" unless every host of `urls`
+    (or the proxy the environment names for it, as `requests` would use) accepts a connection within `PROBE_S`
+    seconds: an unreachable network fails in seconds, before anything else is done."""
+    import requests
+
+    origins = {urllib.parse.urlsplit(url)._replace(path="", query="", fragment="").geturl() for url in urls}
+    for origin in sorted(origins):
+        proxy = requests.utils.select_proxy(origin, requests.utils.get_environ_proxies(origin))
+        address = urllib.parse.urlsplit(proxy or origin)
+        port = address.port or {"http": 80, "ftp": 21}.get(address.scheme, 443)
+        try:
+            socket.create_connection((address.hostname, port), timeout=PROBE_S).close()
+        except OSError as err:
+            host = f"{address.hostname}:{port}" + (f" (the proxy for {origin})" if proxy else "")
+            reason = err.strerror or err
+            raise ConnectionError(f"{what}: {host} does not answer ({reason}); offline, {offline}") from None
 
 
 def is_url(url_or_path):
