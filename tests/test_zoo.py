@@ -4,6 +4,7 @@ Checkpoints are random ones in the official layout (tests/official_npz.py); outp
 independent float64 numpy forward pass of tests/reference_bit.py. Downloads go to a local HTTP server.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import bit_keras
+from bit_keras import checks
 from bit_keras.models import download, zoo
 from tests.official_npz import write_npz
 
@@ -157,7 +159,7 @@ def test_create_model_from_npz_path_infers_architecture(small_npz, small_images,
 
 
 def test_checkpoint_path_and_weights_together_rejected(small_npz):
-    with pytest.raises(ValueError, match="weights=None"):
+    with pytest.raises(ValueError, match="is a checkpoint file already: leave weights out$"):
         zoo.create_model(small_npz, weights=small_npz)
 
 
@@ -359,3 +361,29 @@ def test_label_names_unknown_source(unknown, tmp_path):
     with pytest.raises(ValueError, match="imagenet1k"):
         zoo.label_names(unknown, cache_dir=str(tmp_path), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_messages_name_python_arguments_in_python_and_flags_on_the_command_line(small_npz, tmp_path, monkeypatch):
+    """`label_names` offline says `labels=FILE` to a Python caller and `--labels FILE` inside the command line."""
+    url = "http://127.0.0.1:1/data/imagenet_class_index.json"  # nothing listens on port 1
+    monkeypatch.setitem(zoo.LABEL_SOURCES, "imagenet1k", url)
+    cache = str(tmp_path / "cache")
+    rest = f", or put the file at {download.cached_path(url, cache)} (the cache: $BIT_KERAS_CACHE)"
+    for command_line, labels in ((False, "labels=FILE"), (True, "--labels FILE")):
+        with checks.command_line() if command_line else contextlib.nullcontext():
+            with pytest.raises(bit_keras.DownloadError) as info:
+                bit_keras.label_names("BiT-S-R50x1", cache_dir=cache, progress=False)
+            assert str(info.value).endswith(f"; the label names of BiT-S-R50x1: pass {labels}{rest}")
+            with pytest.raises(ValueError, match=f"no checkpoint head: pass {'--' * command_line}num_classes "):
+                zoo.create_model("R26x0.5")
+            with pytest.raises(ValueError, match=f"already: leave {'--' * command_line}weights out$"):
+                zoo.create_model(small_npz, weights=small_npz)
+
+
+def test_label_files_must_be_utf8_text(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes(b"cat\r\ndog\rbird\n\n")
+    assert zoo.read_labels(str(path)) == ["cat", "dog", "bird"]
+    path.write_bytes(b"cat\n\xff\n")
+    with pytest.raises(ValueError, match=f"^{path}: class names must be UTF-8 text \\(byte 4 is not\\)$"):
+        zoo.read_labels(str(path))

@@ -2,11 +2,14 @@
 
 import dataclasses
 import difflib
+import io
 import json
 import os
 import re
 from typing import TYPE_CHECKING
 
+from bit_keras import files
+from bit_keras.checks import arg
 from bit_keras.models import download
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ LABEL_SOURCES = {
     "digits": os.path.join(WEIGHTS_DIR, "digits_labels.txt"),
 }
 LABELS_DEADLINE_S = 10  # a label file (under 1 MB) downloads in seconds, or the network is unreachable
+MAX_LABELS_BYTES = 64 << 20  # a file of class names (ImageNet-21k's 21,843 lemmas: 0.2 MB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +202,7 @@ def create_model(
     from_file = entry is None and _is_checkpoint_file(name_or_arch)
     if from_file:
         if weights is not None:
-            raise ValueError(f"{name_or_arch!r} is a checkpoint file already: leave weights=None")
+            raise ValueError(f"{name_or_arch!r} is a checkpoint file already: leave {arg('weights')} out")
         weights = name_or_arch
     elif weights == "pretrained":
         if entry is None:
@@ -208,7 +212,8 @@ def create_model(
                 f"one of its checkpoints {', '.join(names)}" if names else "a checkpoint name (none is released for it)"
             )
             raise ValueError(
-                f"{name_or_arch!r} is an architecture: weights='pretrained' needs {need}; see `bit-keras models`"
+                f"{name_or_arch!r} is an architecture: {arg('weights', repr('pretrained'))} needs {need}; "
+                "see `bit-keras models`"
             )
         weights = entry.url
     arrays = None
@@ -223,7 +228,7 @@ def create_model(
         if block_units not in BLOCK_UNITS.values():  # a file missing whole units must not load as another depth
             raise checkpoint.CheckpointError(
                 f"{source}: units per block {block_units} match no BiT depth {sorted(BLOCK_UNITS)}; "
-                "keys are missing, or pass the architecture name and weights=PATH"
+                f"keys are missing, or pass the architecture name and {arg('weights', 'PATH')}"
             )
     elif entry:
         block_units, width = entry.block_units, entry.width
@@ -231,7 +236,7 @@ def create_model(
         block_units, width = parse_architecture(name_or_arch)
     if num_classes is None:
         if file_classes is None:
-            raise ValueError(f"{name_or_arch!r} has no checkpoint head: pass num_classes (0 for features)")
+            raise ValueError(f"{name_or_arch!r} has no checkpoint head: pass {arg('num_classes')} (0 for features)")
         num_classes = file_classes
     default_name = os.path.basename(name_or_arch).removesuffix(".npz") if from_file else name_or_arch
     kwargs.setdefault("name", re.sub(r"[^0-9A-Za-z_]", "_", default_name).lower())
@@ -276,11 +281,23 @@ def label_names(name_or_source: str, cache_dir: str | None = None, progress: boo
         path = download.fetch(url, cache_dir=cache_dir, progress=progress, deadline_s=deadline)
     except download.DownloadError as err:
         raise download.DownloadError(
-            f"{err}; the label names of {name_or_source}: pass --labels FILE, or put the file at "
+            f"{err}; the label names of {name_or_source}: pass {arg('labels', 'FILE')}, or put the file at "
             f"{download.cached_path(url, cache_dir)} (the cache: ${download.CACHE_ENV})"
         ) from err
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            index = json.load(f)
-            return [index[str(i)][1] for i in range(len(index))]
-        return [line.strip() for line in f if line.strip()]
+    if path.endswith(".json"):
+        index = json.loads(_read_text(path))
+        return [index[str(i)][1] for i in range(len(index))]
+    return read_labels(path)
+
+
+def read_labels(path: str) -> list[str]:
+    """Class names, one per line (empty lines ignored), from a regular UTF-8 file of at most `MAX_LABELS_BYTES`."""
+    return [line.strip() for line in io.StringIO(_read_text(path), newline=None) if line.strip()]
+
+
+def _read_text(path):
+    data = files.read_regular(path, "a file of class names", MAX_LABELS_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: class names must be UTF-8 text (byte {err.start:,} is not)") from None
