@@ -8,16 +8,19 @@ import dataclasses
 import functools
 import json
 import os
+import zipfile
 
 import keras
 
 from bit_keras import files
-from bit_keras.checks import check_int
-from bit_keras.models import zoo
+from bit_keras.checks import arg, check_int
+from bit_keras.models import checkpoint, download, zoo
 from bit_keras.models.bit import BiT, check_policy
+from bit_keras.models.zoo import read_labels  # callers read class names files through `resolve`
 
 # A model folder (what a finished training run leaves): the model, its class names and its metrics.
 MODEL_FILE, CLASS_NAMES_FILE, METRICS_FILE = "model.keras", "class_names.txt", "metrics.json"
+SHIPPED = "BiT-R14x0.5-mnist5k"  # the zoo checkpoint inside the package: offline, always there
 
 
 @dataclasses.dataclass
@@ -62,21 +65,68 @@ def kind_of(spec: str) -> str:
     return "folder"
 
 
-def check_spec(spec: str, weights: str | None = None, pretrained_dir: str | None = None) -> str:
-    """Validate what a user named, cheaply (no download, no model built); returns `kind_of(spec)`."""
+def check_spec(
+    spec: str,
+    weights: str | None = None,
+    pretrained_dir: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    offline: str | None = None,
+) -> str:
+    """Validate what a user named, cheaply (no download, no model built); returns `kind_of(spec)`.
+
+    A local checkpoint's zip directory and array headers are checked (`checkpoint.check_npz`), a `.keras` file's zip
+    directory; a checkpoint URL not in the download cache needs its host (or proxy) to answer within seconds, else a
+    one-line ConnectionError names the ways to run offline: `offline` (default: the fine-tuning arguments
+    `bit_pretrained_dir` and `model`), or the file put in the cache.
+    """
+    spec = str(spec)
     kind = kind_of(spec)
     if pretrained_dir is not None and kind != "checkpoint":
-        raise ValueError(f"bit_pretrained_dir applies to checkpoint names only, not {spec!r}")
+        raise ValueError(f"{arg('bit_pretrained_dir')} applies to checkpoint names only, not {spec!r}")
     if weights is not None and kind in ("npz", "keras", "folder"):
-        raise ValueError(f"{spec} holds its weights already: leave weights (--weights) out")
-    if kind in ("keras", "folder") and not os.path.exists(_keras_file(spec, kind)):
-        what = "a finished run or model folder" if kind == "folder" else "a file"
-        raise FileNotFoundError(f"{_keras_file(spec, kind)} does not exist ({spec} must be {what})")
+        raise ValueError(f"{spec} holds its weights already: leave {arg('weights')} out")
+    if kind in ("keras", "folder"):
+        path = _keras_file(spec, kind)
+        if not os.path.exists(path):
+            what = "a finished run or model folder" if kind == "folder" else "a file"
+            raise FileNotFoundError(f"{path} does not exist ({spec} must be {what})")
+        _check_keras_zip(path)
     if kind == "checkpoint" and pretrained_dir is not None and weights is None:
         path = os.path.join(pretrained_dir, f"{spec}.npz")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist (--bit_pretrained_dir holds NAME.npz checkpoints)")
+            raise FileNotFoundError(f"{path} does not exist ({arg('bit_pretrained_dir')} holds NAME.npz checkpoints)")
+    source = _checkpoint_source(spec, kind, weights, pretrained_dir)
+    if source is None:
+        return kind
+    if not download.is_url(source):
+        checkpoint.check_npz(download.fetch(source))
+    elif not os.path.exists(download.cached_path(source, cache_dir)) and source.lower().startswith(("http:", "https:")):
+        ways = _offline_ways(spec, source, cache_dir, offline)
+        download.check_reachable([source], f"{source} cannot be downloaded", ways)
     return kind
+
+
+def _checkpoint_source(spec: str, kind: str, weights: str | None, pretrained_dir: str | None) -> str | None:
+    """The path or URL of the checkpoint that loading `spec` reads; None when none is (random init, `.keras`)."""
+    if kind == "npz":
+        return spec
+    if kind == "checkpoint" and weights is None and pretrained_dir is not None:
+        return os.path.join(pretrained_dir, f"{spec}.npz")
+    if kind == "checkpoint" and weights in (None, "pretrained"):
+        return zoo.CHECKPOINTS[spec].url
+    return None if weights == "pretrained" else weights  # an architecture's "pretrained": create_model says why not
+
+
+def _offline_ways(spec: str, url: str, cache_dir: str | None, offline: str | None) -> str:
+    """How to do without downloading `url` (for `spec`): `offline`, else the fine-tuning arguments; or the cache."""
+    if offline is None and spec in zoo.CHECKPOINTS and url == zoo.CHECKPOINTS[spec].url:
+        offline = (
+            f"pass {arg('bit_pretrained_dir', 'DIR')} (a folder holding {spec}.npz), {arg('model', 'PATH.npz')} or "
+            f"the shipped {arg('model', SHIPPED)}"
+        )
+    cache = f"put the file at {download.cached_path(url, cache_dir)} (the cache: ${download.CACHE_ENV})"
+    return f"{offline or 'pass a local copy of the file'}, or {cache}"
 
 
 def resolve_model(
@@ -90,6 +140,7 @@ def resolve_model(
     labels: str | None = None,
     image_size: int | None = None,
     cache_dir: str | None = None,
+    offline: str | None = None,
 ) -> ResolvedModel:
     """The model `spec` names, loaded.
 
@@ -103,18 +154,17 @@ def resolve_model(
     `num_classes` gives a new zero-initialized head of that size when it differs (0: pooled features);
     `new_head=True` zeroes the head even when the size is the same (BiT transfers with a zero head).
     `dtype` is a Keras dtype policy (e.g. "mixed_bfloat16"). `labels` (a file of class names, one per line)
-    and `image_size` override what is found.
+    and `image_size` override what is found. A checkpoint that cannot be downloaded is an error naming the ways to
+    run offline (`offline`, see `check_spec`).
     """
     check_int("image_size", image_size)
     check_policy(dtype)
-    kind = check_spec(spec, weights, pretrained_dir)
     spec = str(spec)
+    kind = check_spec(spec, weights, pretrained_dir, cache_dir=cache_dir, offline=offline)
     found_size = labels_source = labels_path = None
     if kind in ("keras", "folder"):
         path = _keras_file(spec, kind)
-        model = keras.saving.load_model(path)
-        if not isinstance(model, BiT):
-            raise ValueError(f"{path} holds a {type(model).__name__}, not a bit_keras BiT model")
+        model = load_keras(path, BiT)
         if dtype is not None and not new_head:
             raise ValueError(f"{path} keeps its own dtype policy; a new one needs a new head")
         if new_head or dtype is not None or (num_classes is not None and num_classes != model.num_classes):
@@ -125,9 +175,14 @@ def resolve_model(
         found_size = _trained_size(os.path.join(folder, METRICS_FILE))
         name = os.path.basename(os.path.abspath(spec)) if kind == "folder" else os.path.basename(spec)[: -len(".keras")]
     else:
-        if kind == "checkpoint" and weights is None:
-            weights = os.path.join(pretrained_dir, f"{spec}.npz") if pretrained_dir else "pretrained"
-        model = zoo.create_model(spec, weights=weights, num_classes=num_classes, cache_dir=cache_dir, dtype=dtype)
+        source = _checkpoint_source(spec, kind, weights, pretrained_dir)
+        weights = source if kind == "checkpoint" else weights
+        try:
+            model = zoo.create_model(spec, weights=weights, num_classes=num_classes, cache_dir=cache_dir, dtype=dtype)
+        except download.DownloadError as err:
+            if not download.is_url(source):
+                raise
+            raise download.DownloadError(f"{err}; offline, {_offline_ways(spec, source, cache_dir, offline)}") from err
         if new_head and model.num_classes:
             head = model.get_layer("head")
             head.kernel.assign(keras.ops.zeros(head.kernel.shape))
@@ -150,10 +205,38 @@ def save_model(model: keras.Model, path: str) -> str:
     return path
 
 
-def read_labels(path: str) -> list[str]:
-    """Class names, one per line (empty lines ignored)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+def load_keras(path: str, expected_class: type | None = None) -> keras.Model:
+    """The model of the `.keras` file at `path`, loaded in Keras' safe mode (nothing in the file runs); a one-line
+    ValueError naming the file for a FIFO or device, a file that is no `.keras` zip, one that Keras cannot load
+    safely (a function of an arbitrary module, a Python lambda, ...) or one holding no `expected_class`."""
+    _check_keras_zip(path)
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as err:  # Keras' TypeErrors and ValueErrors dump the whole config, over many lines
+        raise ValueError(f"{path}: could not be loaded safely as a Keras model ({_first_reason(err)})") from None
+    if expected_class is not None and not isinstance(model, expected_class):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a bit_keras {expected_class.__name__}")
+    return model
+
+
+def _check_keras_zip(path: str) -> None:
+    """A one-line error unless `path` is a regular file holding a zip archive of plausible member sizes."""
+    with files.open_regular(path, "a .keras model") as f:
+        try:
+            archive = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            raise ValueError(f"{path}: not a .keras model (no zip archive: truncated, or another format)") from None
+        with archive:
+            checkpoint.check_member_sizes(archive, path)
+
+
+def _first_reason(err: BaseException) -> str:
+    """The first sentence of the innermost exception of `err`'s chain (Keras wraps it in ones quoting the config)."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        err = inner
+        seen.add(id(err))
+    return (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0][:200]
 
 
 def _keras_file(spec: str, kind: str) -> str:
@@ -164,6 +247,5 @@ def _trained_size(metrics_path: str) -> int | None:
     """The evaluation size a training run recorded in its metrics.json, or None."""
     if not os.path.exists(metrics_path):
         return None
-    with open(metrics_path, encoding="utf-8") as f:
-        metrics = json.load(f)
+    metrics = json.loads(files.read_regular(metrics_path, "a run's metrics"))
     return metrics.get("image_size") or metrics.get("hyperrule", {}).get("crop")  # runs before image_size existed
