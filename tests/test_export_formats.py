@@ -1,11 +1,14 @@
 """ONNX and TFLite exports of the shipped model, run by their real consumers (onnxruntime, TensorFlow Lite's
 interpreter) against the Keras model; `predict` on them; the checks that refuse a file."""
 
+import collections
 import dataclasses
 import os
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import tensorflow as tf
 
@@ -39,8 +42,6 @@ def exported(shipped, tmp_path_factory):
 def _outputs(path, images):
     """`{output name: array}` of the file at `path` on `images`, run by onnxruntime or tf.lite.Interpreter."""
     if path.endswith(".onnx"):
-        import onnxruntime
-
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         assert [(i.name, i.shape[1:]) for i in session.get_inputs()] == [("images", [32, 32, 3])]
         names = [o.name for o in session.get_outputs()]
@@ -85,12 +86,98 @@ def test_predict_through_each_file(shipped, exported, tmp_path):
 def test_feature_vector_file(shipped, tmp_path):
     images = np.random.default_rng(6).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     expected = shipped.model.feature_extractor(["pre_logits"])(images)["pre_logits"].numpy()
-    path = export(shipped.model, tmp_path / "fv.tflite", format="tflite", image_size=32)
-    features = _outputs(path, images)["feature_vector"]
-    assert np.abs(features - expected).max() <= 1e-5 * np.abs(expected).max()
-    assert not os.path.exists(formats.labels_path(path))
-    with pytest.raises(ValueError, match="is not a classification export"):
-        predict(path, [])
+    for fmt in formats.SUFFIXES:
+        path = export(shipped.model, tmp_path / f"fv.{fmt}", format=fmt, image_size=32)
+        features = _outputs(path, images)["feature_vector"]
+        assert np.abs(features - expected).max() <= 1e-5 * np.abs(expected).max()
+        assert not os.path.exists(formats.labels_path(path))
+        with pytest.raises(ValueError, match="is not a classification export"):
+            predict(path, [])
+    assert _batch_dims(onnx.load(tmp_path / "fv.onnx")) == {"images": "batch", "feature_vector": "batch"}
+
+
+def _batch_dims(model):
+    """{name: its dim 0's dim_param} of the graph inputs and outputs of the ONNX `model`, after checking that no
+    tensor it gives a shape has another symbolic dimension (tf2onnx's `unk__N`)."""
+    values = [*model.graph.input, *model.graph.output]
+    dims = {v.name: [d.dim_param for d in v.type.tensor_type.shape.dim] for v in [*values, *model.graph.value_info]}
+    assert all(d[0] == "batch" and not any(d[1:]) for d in dims.values()), dims
+    return {v.name: dims[v.name][0] for v in values}
+
+
+def test_onnx_file_for_its_consumers(shipped, exported):
+    """One batch dimension named `batch`; the standard GroupNormalization op (opset 21), checked by onnx and run by
+    onnxruntime at batch 1 and 3 against the Keras model."""
+    model = onnx.load(exported["onnx"])
+    onnx.checker.check_model(model, full_check=True)
+    assert _batch_dims(model) == {"images": "batch", "logits": "batch", "probabilities": "batch"}
+    strict = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    (logits, _) = strict.graph.output
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 10]
+    assert [(o.domain, o.version) for o in model.opset_import if not o.domain] == [("", 21)]
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    # 13 group norms (3 in each of the 4 units, the pre-head one), each then a ReLU; the one ReduceMean pools.
+    assert (ops["GroupNormalization"], ops["Relu"], ops["ReduceMean"], ops["Sqrt"]) == (13, 13, 1, 0), ops
+    assert ops["Transpose"] == 1, ops  # the input's, to NCHW: the others cancelled
+    (epsilon,) = {a.f for node in model.graph.node for a in node.attribute if a.name == "epsilon"}
+    assert epsilon == pytest.approx(1e-5, rel=1e-6)
+    session = onnxruntime.InferenceSession(exported["onnx"], providers=["CPUExecutionProvider"])
+    assert [v.shape[0] for v in [*session.get_inputs(), *session.get_outputs()]] == ["batch"] * 3
+    for batch in (1, 3):
+        images = np.random.default_rng(batch).uniform(size=(batch, 32, 32, 3)).astype(np.float32)
+        expected = shipped.model(images).numpy()
+        logits, probabilities = session.run(["logits", "probabilities"], {"images": images})
+        assert logits.shape == probabilities.shape == (batch, 10)
+        assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
+        np.testing.assert_allclose(probabilities, tf.nn.softmax(expected).numpy(), atol=1e-5)
+
+
+def test_group_norm_op_only_where_onnxruntime_matches(shipped, tmp_path, monkeypatch):
+    """A GroupNormalization that onnxruntime runs off the Keras model (here: epsilon 0.1) is not written: the
+    primitive ops are, which match it."""
+    real = formats.fuse_group_norms
+
+    def off(model):
+        fused = real(model)
+        for attribute in (a for node in fused.graph.node for a in node.attribute if a.name == "epsilon"):
+            attribute.f = 0.1
+        return fused
+
+    monkeypatch.setattr(formats, "fuse_group_norms", off)
+    path = export(shipped.model, tmp_path / "m.onnx", "classification", shipped.class_names, 32, format="onnx")
+    model = onnx.load(path)
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    assert ops["GroupNormalization"] == 0 and ops["Sqrt"] == 13, ops
+    assert _batch_dims(model) == {"images": "batch", "logits": "batch", "probabilities": "batch"}
+    images = np.random.default_rng(7).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    expected = shipped.model(images).numpy()
+    assert np.abs(_outputs(path, images)["logits"] - expected).max() <= 1e-5 * np.abs(expected).max()
+    fused = onnxruntime.InferenceSession(off(onnx.load(path)).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(fused.run(["logits"], {"images": images})[0] - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+def test_tflite_outputs_without_the_signature_runner(shipped, exported):
+    """The plain interpreter's outputs are `StatefulPartitionedCall:0` and `:1`; the signature's output details
+    name them (`logits`, `probabilities`: the outputs in alphabetical order) by tensor index."""
+    interpreter = tf.lite.Interpreter(model_path=exported["tflite"])
+    assert interpreter.get_signature_list() == {
+        "serving_default": {"inputs": ["images"], "outputs": ["logits", "probabilities"]}
+    }
+    named = {name: d["index"] for name, d in interpreter.get_signature_runner().get_output_details().items()}
+    plain = interpreter.get_output_details()
+    assert [d["name"] for d in plain] == ["StatefulPartitionedCall:0", "StatefulPartitionedCall:1"]
+    assert [d["index"] for d in plain] == [named["logits"], named["probabilities"]]
+    images = np.random.default_rng(8).uniform(size=(3, 32, 32, 3)).astype(np.float32)
+    (given,) = interpreter.get_input_details()
+    interpreter.resize_tensor_input(given["index"], images.shape)  # the file's batch is 1 until resized
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(given["index"], images)
+    interpreter.invoke()
+    expected = shipped.model(images).numpy()
+    logits = interpreter.get_tensor(named["logits"])
+    assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
+    probabilities = interpreter.get_tensor(named["probabilities"])
+    np.testing.assert_allclose(probabilities, tf.nn.softmax(expected).numpy(), atol=1e-6)
 
 
 def test_refused(shipped, tmp_path, monkeypatch):

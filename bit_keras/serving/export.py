@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from bit_keras import files
-from bit_keras.checks import check_int
+from bit_keras.checks import arg, check_int
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.defaults import EXPORT_FORMATS as FORMATS
 from bit_keras.detection.retinanet import MAX_DETECTIONS
@@ -214,17 +214,17 @@ def export_inputs(
             class_names = [str(i) for i in range(source.model.num_classes)]
             notes.append(f'class names "0".."{len(class_names) - 1}": {err}')
         if class_names is None:
-            missing.append("labels (--labels FILE, one class name per line)")
+            missing.append(f"labels ({arg('labels', 'FILE')}, one class name per line)")
     if kind == "classification" or format != "saved_model":
         image_size = source.image_size
         if image_size is None and source.spec_kind in ("architecture", "npz"):
             image_size = DEFAULT_IMAGE_SIZE
             notes.append(
                 f"image size {image_size}, BiT's upstream resolution ({source.name} records none): "
-                "pass image_size (--image_size) for another"
+                f"pass {arg('image_size')} for another"
             )
         if image_size is None:
-            missing.append("image_size (--image_size, the side images are resized to)")
+            missing.append(f"{arg('image_size')} (the side images are resized to)")
     if missing:
         raise ValueError(f"{source.name}: the export needs {' and '.join(missing)}")
     return class_names, image_size, notes
@@ -285,16 +285,17 @@ def _write_file(out, net, kind, image_size, class_names, format):
     images = images.astype(np.float32)
     output = "logits" if kind == "classification" else "feature_vector"
     with files.replacing(out) as tmp, portable_ops():
+        # The Keras model as converted: its portable trace (eager, this CPU's fused ops differ by float32 noise).
+        expected = serve(images)[output].numpy()
         saved_model = files.temporary(out, ".saved_model")  # checked; what the TFLite converter reads
         try:
             root = tf.train.Checkpoint()
             root.variables = [v.value for v in net.variables]
             _save(root, saved_model, {"serving_default": serve}, out)
-            formats.convert(serve, saved_model, format, tmp)
+            formats.convert(serve, saved_model, format, tmp, images, output, expected)
         finally:
             shutil.rmtree(saved_model, ignore_errors=True)
-        # The Keras model as converted: its portable trace (eager, this CPU's fused ops differ by float32 noise).
-        formats.check(tmp, format, out, output, images, serve(images)[output].numpy())
+        formats.check(tmp, format, out, output, images, expected)
     if class_names is not None:
         files.write_text(formats.labels_path(out), "".join(f"{name}\n" for name in class_names))
 
@@ -369,10 +370,12 @@ def _check_out(out, overwrite, file=False):
     if not os.path.exists(out):
         return
     if not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True, or --overwrite, to replace it)")
+        raise FileExistsError(f"{out} exists (pass {arg('overwrite')} to replace it)")
     if file and os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is a directory: not replacing it; choose another --out")
+        raise FileExistsError(f"{out} exists and is a directory: not replacing it; choose another {arg('out')}")
     if not file and (
         not os.path.isdir(out) or (os.listdir(out) and not os.path.exists(os.path.join(out, "saved_model.pb")))
     ):
-        raise FileExistsError(f"{out} exists and is not a SavedModel export: not replacing it; choose another --out")
+        raise FileExistsError(
+            f"{out} exists and is not a SavedModel export: not replacing it; choose another {arg('out')}"
+        )
