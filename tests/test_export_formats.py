@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from bit_keras.models.resolve import resolve_model
+from bit_keras.models.zoo import create_model
 from bit_keras.serving import formats
 from bit_keras.serving.export import export
 from bit_keras.serving.predict import predict
@@ -130,6 +131,17 @@ def test_onnx_file_for_its_consumers(shipped, exported):
         assert logits.shape == probabilities.shape == (batch, 10)
         assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
         np.testing.assert_allclose(probabilities, tf.nn.softmax(expected).numpy(), atol=1e-5)
+
+
+def test_group_norm_op_in_a_fresh_model(tmp_path):
+    """Initial weights: TensorFlow folds away gamma (ones, one channel per group in the first unit) and beta (zeros)."""
+    model = create_model("R14x0.5", num_classes=0, input_shape=(32, 32, 3))
+    path = export(model, tmp_path / "fresh.onnx", format="onnx", image_size=32)
+    ops = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+    assert (ops["GroupNormalization"], ops["Sqrt"], ops["Neg"]) == (13, 0, 0), ops
+    images = np.random.default_rng(9).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    expected = model(images).numpy()
+    assert np.abs(_outputs(path, images)["feature_vector"] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_group_norm_op_only_where_onnxruntime_matches(shipped, tmp_path, monkeypatch):

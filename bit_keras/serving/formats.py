@@ -146,11 +146,13 @@ def _onnx_module(name: str):
 
 
 # BiT's `_group_norm` as tf2onnx writes it (after the reshape of the input to [batch, pixels, groups, channels per
-# group], `x`; before the ReLU, if any, and the reshape back): tuples are nodes (op type, inputs), strings tensors.
+# group], `x`; before the ReLU, if any, and the reshape back): tuples are nodes (op type, inputs), strings tensors,
+# lists alternatives: TensorFlow folds away a gamma of ones where it does not broadcast (one channel per group), and
+# writes the shift 0 - mean * scale of a zero beta as a Neg.
 _MEAN = ("ReduceMean", "x", "axes")
 _VARIANCE = ("ReduceMean", ("Mul", ("Sub", "x", _MEAN), ("Sub", "x", _MEAN)), "axes")
-_SCALE = ("Mul", ("Reciprocal", ("Sqrt", ("Add", _VARIANCE, "epsilon"))), "gamma")
-# Lists are alternatives: TensorFlow writes the shift 0 - mean * scale of a zero beta as a Neg.
+_INVERSE_STD = ("Reciprocal", ("Sqrt", ("Add", _VARIANCE, "epsilon")))
+_SCALE = [("Mul", _INVERSE_STD, "gamma"), _INVERSE_STD]
 _GROUP_NORM = ("Add", ("Mul", "x", _SCALE), [("Sub", "beta", ("Mul", _MEAN, _SCALE)), ("Neg", ("Mul", _MEAN, _SCALE))])
 # The only attributes the pattern's nodes may have, and their values (the axes are never empty: [1, 3]).
 _ATTRIBUTES = {"ReduceMean": {"keepdims": (1,), "noop_with_empty_axes": (0, 1)}}
@@ -208,21 +210,26 @@ def _group_norm_at(node, producers, constants, shapes):
     if relu:
         value = producers[value].input[0]
     bound = {}
-    if value is None or not _match(_GROUP_NORM, value, producers, bound) or producers[bound["x"]].op_type != "Reshape":
+    grouping = producers.get(bound["x"]) if value and _match(_GROUP_NORM, value, producers, bound) else None
+    if grouping is None or grouping.op_type != "Reshape":
         return None
-    source = producers[bound["x"]].input[0]
+    source = grouping.input[0]
     shape, grouped = shapes.get(source, []), shapes.get(bound["x"], [])
-    gamma, axes, epsilon = (constants.get(bound[name]) for name in ("gamma", "axes", "epsilon"))
-    beta = constants.get(bound["beta"]) if "beta" in bound else np.zeros_like(gamma)
-    if any(c is None for c in (gamma, beta, axes, epsilon)) or len(shape) != 4 or len(grouped) != 4:
+    if len(shape) != 4 or len(grouped) != 4 or None in shape[1:] + grouped[2:]:
         return None
-    groups, channels = grouped[2], (grouped[2] or 0) * (grouped[3] or 0)
-    if (shape[3] != channels and shape[1:] != [channels, 1, 1]) or None in shape[1:] or not channels:
+    groups, channels = grouped[2], grouped[2] * grouped[3]
+    if shape[3] != channels and shape[1:] != [channels, 1, 1]:
         return None
-    if gamma.shape != (1, 1, *grouped[2:]) or beta.shape != gamma.shape or axes.tolist() != [1, 3] or epsilon.size != 1:
+    affine = {}
+    for name, default in (("gamma", np.ones), ("beta", np.zeros)):  # the default where folded away
+        values = constants.get(bound[name]) if name in bound else default((1, 1, *grouped[2:]), np.float32)
+        if values is None or values.shape != (1, 1, *grouped[2:]):
+            return None
+        name = f"{bound[name]}/channels" if name in bound else f"group_norm_{default.__name__}_{channels}"
+        affine[name] = values.reshape(-1)
+    axes, epsilon = constants.get(bound["axes"]), constants.get(bound["epsilon"])
+    if axes is None or axes.tolist() != [1, 3] or epsilon is None or epsilon.size != 1:
         return None
-    names = f"{bound['gamma']}/channels", f"{bound['beta']}/channels" if "beta" in bound else f"{bound['gamma']}/zeros"
-    affine = dict(zip(names, (gamma.reshape(-1), beta.reshape(-1))))
     return source, shape[3] == channels, {"num_groups": groups, "epsilon": float(epsilon.reshape(()))}, affine, relu
 
 
