@@ -437,3 +437,43 @@ def test_detection_transfer_table_example(tmp_path):
     table = (tmp_path / "t.md").read_text()
     assert "| BiT-R14x0.5-mnist5k backbone, fine-tuned |" in table and "| R14x0.5 from scratch |" in table
     assert "| BiT-L | 43.8 |" in table
+
+
+@pytest.mark.slow
+def test_multi_worker_command_line_two_processes(tmp_path):
+    """The README's multi-worker launch: two `bit-keras finetune` processes with TF_CONFIG on 127.0.0.1 train one
+    model with 2 replicas (the command sets up the collectives before anything initializes the devices); the chief
+    writes the run folder, the other worker its checkpoints to a private temporary one: the same weights."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    args = ["--logdir", str(tmp_path / "runs"), "--name", "two", "--steps", "6", "--eval_every", "3", "--batch", "16"]
+    procs = []
+    for index in range(2):
+        scratch = tmp_path / f"tmp{index}"  # where a worker's temporary run folder goes
+        scratch.mkdir()
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        env = {**_env(tmp_path / "cache"), "TF_CONFIG": tf_config, "TMPDIR": str(scratch)}
+        procs.append(
+            subprocess.Popen(
+                [*BIT_KERAS, "finetune", *args, "--quiet"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=500)
+            assert proc.returncode == 0, err[-3000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+    metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and os.listdir(tmp_path / "runs") == ["two"]
+    # The other worker saved its checkpoints (model, then optimizer variables) but publishes nothing.
+    (worker_run,) = [p for p in (tmp_path / "tmp1").iterdir() if p.name.startswith("bit_keras_worker_")]
+    chief = keras.saving.load_model(tmp_path / "runs" / "two" / "model.keras")
+    with np.load(worker_run / "checkpoint" / "step-6.npz") as worker:
+        for i, weight in enumerate(chief.weights):
+            np.testing.assert_array_equal(weight.numpy(), worker[f"arr_{i}"], err_msg=weight.path)
