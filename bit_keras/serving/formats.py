@@ -56,7 +56,7 @@ def labels_path(path) -> str:
     return os.path.splitext(os.fspath(path))[0] + LABELS_SUFFIX
 
 
-def convert(serve, saved_model: str, fmt: str, path: str, images: np.ndarray, output: str, expected) -> None:
+def convert(serve, saved_model: str, fmt: str, path: str, images: np.ndarray, output: str, expected: np.ndarray):
     """Write the `fmt` file at `path`: ONNX from `serve` (a tf.function of one fixed-size input, traced), TFLite
     from `saved_model`, the SavedModel of `serve`. ONNX group norms are GroupNormalization ops where onnxruntime
     runs them giving `expected` as `output` on `images` within `GROUP_NORM_TOLERANCE` of its largest magnitude, or
