@@ -15,6 +15,7 @@ from bit_keras import checks, defaults, startup
 # Parsed arguments that are not keyword arguments of the recipe.
 TRAINING_FLAGS = ("command", "func", "recipe", "quiet", "verbose")
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+OFFLINE_WEIGHTS = "pass --weights PATH.npz (a local copy of the checkpoint)"  # convert and export, without a network
 
 
 def _models(args):
@@ -52,7 +53,12 @@ def _convert(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} exists (pass --overwrite to replace it)")
     model = resolve_model(
-        args.model, weights=args.weights, num_classes=args.num_classes, dtype=args.dtype, cache_dir=args.cache_dir
+        args.model,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        offline=OFFLINE_WEIGHTS,
     ).model
     save_model(model, args.out)
     print(
@@ -273,6 +279,7 @@ def _export(args):
         labels=args.labels,
         image_size=args.image_size,
         cache_dir=args.cache_dir,
+        offline=OFFLINE_WEIGHTS,
     )
     kind = args.kind or ("classification" if source.model.num_classes else "feature_vector")
     class_names, image_size, notes = export_inputs(source, kind, args.format)  # labels only for a classifier
@@ -294,9 +301,8 @@ def _is_detection_run(folder):
 
 
 def _export_detector(args):
-    import keras
-
-    from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
+    from bit_keras.detection.retinanet import RetinaNet
+    from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, load_keras, read_labels
     from bit_keras.serving.export import export_detector
 
     given = [flag for flag in ("weights", "labels", "image_size", "kind") if getattr(args, flag) is not None]
@@ -307,7 +313,7 @@ def _export_detector(args):
         raise FileNotFoundError(f"{model_path} does not exist (is the run in {args.run} finished?)")
     name = os.path.basename(os.path.abspath(args.run))
     out = args.out or os.path.join("exports", name, "detection")
-    model = keras.saving.load_model(model_path)
+    model = load_keras(model_path, RetinaNet)
     out = export_detector(model, out, read_labels(os.path.join(args.run, CLASS_NAMES_FILE)), overwrite=args.overwrite)
     print(f"wrote {out}: detection export of {name}")
 

@@ -273,7 +273,8 @@ def offline(monkeypatch):
 def test_tfds_without_network_fails_in_seconds_with_one_line(tmp_path, offline):
     data_dir = tmp_path / "tfds"
     start = time.perf_counter()
-    result = run_in_process(["finetune", "--dataset", "mnist", "--data_dir", data_dir, "--logdir", tmp_path / "runs"])
+    args = ["finetune", "--dataset", "mnist", "--data_dir", data_dir, "--logdir", tmp_path / "runs"]
+    result = run_in_process([*args, "--model", "BiT-R14x0.5-mnist5k"])  # the default BiT-M-R50x1 is probed first
     assert time.perf_counter() - start < OFFLINE_S
     assert result.returncode == 1
     (line,) = message_lines(result.stderr)
@@ -288,7 +289,7 @@ def test_detection_tfds_without_network_fails_in_seconds(tmp_path, offline):
     """The detector's tfds datasets (COCO, VOC) are prepared the same way, naming its own local alternative."""
     start = time.perf_counter()
     args = ["finetune-detector", "--dataset", "voc/2007", "--data_dir", tmp_path / "tfds", "--logdir", tmp_path / "r"]
-    result = run_in_process(args)
+    result = run_in_process([*args, "--model", "BiT-R14x0.5-mnist5k"])
     assert time.perf_counter() - start < OFFLINE_S
     (line,) = message_lines(result.stderr)
     assert result.returncode == 1 and "voc/2007 is not prepared and cannot be downloaded" in line, line

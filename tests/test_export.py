@@ -344,7 +344,7 @@ def test_offline_export_inputs(offline, small_npz, tmp_path, monkeypatch):
     url = zoo.LABEL_SOURCES["imagenet21k"]
     assert note == (
         f'class names "0".."9": {url}: connection error: [Errno 101] Network is unreachable (the test\'s); the label '
-        f"names of BiT-M-R26x0.5: pass --labels FILE, or put the file at {download.cached_path(url)} (the cache: "
+        f"names of BiT-M-R26x0.5: pass labels=FILE, or put the file at {download.cached_path(url)} (the cache: "
         "$BIT_KERAS_CACHE)"
     )
 
@@ -354,19 +354,16 @@ def test_offline_export_inputs(offline, small_npz, tmp_path, monkeypatch):
     assert export_inputs(bare, "feature_vector", "onnx") == (
         None,
         224,
-        [
-            "image size 224, BiT's upstream resolution (r26x0_5_random records none): pass image_size (--image_size) "
-            "for another"
-        ],
+        ["image size 224, BiT's upstream resolution (r26x0_5_random records none): pass image_size for another"],
     )
-    with pytest.raises(ValueError, match=r"^r26x0_5_random: the export needs labels \(--labels FILE, one class"):
+    with pytest.raises(ValueError, match=r"^r26x0_5_random: the export needs labels \(labels=FILE, one class"):
         export_inputs(bare, "classification")
     bare.model.save(tmp_path / "m.keras")
     with pytest.raises(ValueError) as refused:
         export_inputs(resolve_model(str(tmp_path / "m.keras")), "classification")
     assert str(refused.value) == (
-        "m: the export needs labels (--labels FILE, one class name per line) and image_size (--image_size, the "
-        "side images are resized to)"
+        "m: the export needs labels (labels=FILE, one class name per line) and image_size (the side images are "
+        "resized to)"
     )
     assert len(offline) == 1
 
@@ -485,7 +482,7 @@ def test_cli_export_and_predict(stripes_run, tmp_path):
         tmp_path,
     )
     rc, _, err = again
-    assert rc == 1 and "exists (pass overwrite=True, or --overwrite" in err[0]
+    assert rc == 1 and "exists (pass --overwrite to replace it)" in err[0]
     rc, out, err = json_export
     assert rc == 0, err
     from_export = json.loads(out)

@@ -9,17 +9,15 @@ import dataclasses
 import hashlib
 import logging
 import os
-import socket
-import urllib.parse
 
 import numpy as np
 import tensorflow as tf
 
 from bit_keras.checks import arg, check_int, control_character
 from bit_keras.data import images as images_lib
+from bit_keras.models import download
 
 AUTOTUNE = tf.data.AUTOTUNE
-PROBE_S = 5  # a tfds download starts only once each of its hosts answers within this many seconds
 TFDS_SIZE_SAMPLE = 256  # images whose headers give the median size of a tfds dataset whose image sizes vary
 log = logging.getLogger(__name__)
 
@@ -142,26 +140,6 @@ def _tfds_median_size(builder, split, image_key):
     return None if None in sizes else images_lib.median_size(sizes)
 
 
-def _check_reachable(name, urls, local):
-    """A one-line `ConnectionError` naming `name` and the offline alternatives unless every host of `urls` (or the
-    proxy the environment names for it, as `requests` would use) accepts a connection within `PROBE_S` seconds."""
-    import requests
-
-    origins = {urllib.parse.urlsplit(url)._replace(path="", query="", fragment="").geturl() for url in urls}
-    for origin in sorted(origins):
-        proxy = requests.utils.select_proxy(origin, requests.utils.get_environ_proxies(origin))
-        address = urllib.parse.urlsplit(proxy or origin)
-        port = address.port or {"http": 80, "ftp": 21}.get(address.scheme, 443)
-        try:
-            socket.create_connection((address.hostname, port), timeout=PROBE_S).close()
-        except OSError as err:
-            host = f"{address.hostname}:{port}" + (f" (the proxy for {origin})" if proxy else "")
-            raise ConnectionError(
-                f"{name} is not prepared and cannot be downloaded: {host} does not answer ({err.strerror or err}); "
-                f"offline, point {arg('data_dir')} at a folder where {name} is prepared {local}"
-            ) from None
-
-
 def _missing_folders(*paths):
     """For each path, its highest ancestor (or itself) that does not exist: the folders a download would create."""
     tops = set()
@@ -257,7 +235,11 @@ def prepare_tfds(builder, name, manual_dir=None, local=None):
     announce = builder._log_download_bytes
 
     def check_then_announce():
-        _check_reachable(name, builder.url_infos or {}, local)
+        download.check_reachable(
+            builder.url_infos or {},
+            f"{name} is not prepared and cannot be downloaded",
+            f"point {arg('data_dir')} at a folder where {name} is prepared {local}",
+        )
         announce()
 
     builder._log_download_bytes = check_then_announce

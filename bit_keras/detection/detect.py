@@ -11,7 +11,7 @@ from bit_keras.data.images import read_image
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.detection import drawing
 from bit_keras.detection.retinanet import RetinaNet
-from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, read_labels
+from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, load_keras, read_labels
 
 
 def detect(
@@ -112,9 +112,7 @@ def _detector(model: str):
         raise FileNotFoundError(
             f"{path} does not exist ({arg('model')}: a detection run folder, .keras file or export)"
         )
-    detector = keras.saving.load_model(path)
-    if not isinstance(detector, RetinaNet):
-        raise ValueError(f"{path} holds a {type(detector).__name__}, not a bit_keras RetinaNet")
+    detector = load_keras(path, RetinaNet)
     names_path = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_NAMES_FILE)
     names = read_labels(names_path) if os.path.exists(names_path) else [str(i) for i in range(detector.num_classes)]
     size = detector.image_size

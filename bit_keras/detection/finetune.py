@@ -189,7 +189,7 @@ class DetectionRecipe(engine.Recipe):
             self.head_norm,
             flags={"image_size": "resolution"},
         )
-        resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
+        resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir, cache_dir=self.cache_dir)
 
     def load_data(self, options: engine.RunOptions) -> data_lib.DetectionData:
         if options.data is not None:

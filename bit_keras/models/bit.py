@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from bit_keras.checks import arg
 from bit_keras.models.layers import (
     GN_GROUPS,
     NORMALIZATIONS,
@@ -24,7 +25,7 @@ def check_policy(dtype) -> str | None:
     """The dtype policy name of `dtype` (None: float32 without a policy); a one-line error unless in `POLICIES`."""
     policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
     if policy not in POLICIES:
-        raise ValueError(f"dtype must be one of {[p for p in POLICIES if p]} (a Keras dtype policy), got {dtype!r}")
+        raise ValueError(f"{arg('dtype')} must be one of {[p for p in POLICIES if p]} (a Keras dtype policy), got {dtype!r}")
     return policy
 
 
@@ -62,9 +63,9 @@ class BiT(keras.Model):
     ):
         policy = check_policy(dtype)
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+            raise ValueError(f"{arg('normalization')} must be one of {NORMALIZATIONS}, got {normalization!r}")
         if num_classes is None or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: pooled features), got {num_classes!r}")
+            raise ValueError(f"{arg('num_classes')} must be an int >= 0 (0: pooled features), got {num_classes!r}")
         root = channels(width)
         if normalization == "group" and root % groups:
             raise ValueError(f"width={width} gives {root} root channels, not divisible into {groups} groups")

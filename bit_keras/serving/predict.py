@@ -6,7 +6,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from bit_keras.checks import check_int
+from bit_keras.checks import arg, check_int
 from bit_keras.data import images as images_lib
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.models.resolve import read_labels, resolve_model
@@ -37,7 +37,8 @@ def predict(
     saved_model = os.path.isdir(str(model)) and os.path.exists(os.path.join(model, "saved_model.pb"))
     if (saved_model or formats.file_format(model)) and (labels or image_size):
         raise ValueError(
-            f"{model} is an export: it has its own labels and image size (leave --labels/--image_size out)"
+            f"{model} is an export: it has its own labels and image size (leave {arg('labels')} and "
+            f"{arg('image_size')} out)"
         )
     if saved_model:
         signatures = tf.saved_model.load(model).signatures
@@ -61,11 +62,12 @@ def predict(
         probabilities = np.take_along_axis(scores, classes, axis=1)
         names = [[class_names[c] for c in row] for row in classes]
     else:
-        source = resolve_model(model, labels=labels, image_size=image_size, cache_dir=cache_dir)
+        offline = f"pass {arg('model')} a local .npz, .keras file, run folder or export"
+        source = resolve_model(model, labels=labels, image_size=image_size, cache_dir=cache_dir, offline=offline)
         if not source.model.num_classes:
             raise ValueError(f"{model} has no classification head")
         if not source.image_size:
-            raise ValueError(f"the input size of {model} is unknown: pass image_size (--image_size)")
+            raise ValueError(f"the input size of {model} is unknown: pass {arg('image_size')}")
         batch = tf.stack([decode_and_resize(data, source.image_size) for data in encoded])
         top = tf.math.top_k(tf.nn.softmax(source.model(batch, training=False)), k=min(top_k, source.model.num_classes))
         classes, probabilities = top.indices.numpy(), top.values.numpy()

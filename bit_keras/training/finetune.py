@@ -125,7 +125,7 @@ class HyperRuleRecipe(engine.Recipe):
         check_int("examples_per_class_seed", self.examples_per_class_seed, minimum=0)
         check_finite("mixup_alpha", self.mixup_alpha)
         hyperrule_lib.hyperrule(1, image_size=1, steps=self.steps)  # the schedule's own checks, before any download
-        resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir)
+        resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir, cache_dir=self.cache_dir)
 
     def load_data(self, options: engine.RunOptions) -> sources.Data:
         data = sources.embedded_digits() if self.embedded else super().load_data(options)
