@@ -25,7 +25,9 @@ def check_policy(dtype) -> str | None:
     """The dtype policy name of `dtype` (None: float32 without a policy); a one-line error unless in `POLICIES`."""
     policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
     if policy not in POLICIES:
-        raise ValueError(f"{arg('dtype')} must be one of {[p for p in POLICIES if p]} (a Keras dtype policy), got {dtype!r}")
+        raise ValueError(
+            f"{arg('dtype')} must be one of {[p for p in POLICIES if p]} (a Keras dtype policy), got {dtype!r}"
+        )
     return policy
 
 
