@@ -168,8 +168,9 @@ def test_coco_folder_single_json(tmp_path):
     for image_id, (boxes, classes) in expected.items():
         np.testing.assert_array_equal(by_id[image_id]["boxes"], np.array(boxes, np.float32).reshape(-1, 4))
         np.testing.assert_array_equal(by_id[image_id]["classes"], classes)
-    train_sizes = {e["image"].shape[:2] for e in train}
-    assert d.image_size == (train_sizes.pop() if len(train_sizes) == 1 else None)
+    train_sizes = sorted((e["image"].shape[:2] for e in train), key=lambda size: size[0] * size[1])
+    assert d.image_size == (train_sizes[0] if len(set(train_sizes)) == 1 else None)
+    assert d.median_size == train_sizes[(len(train_sizes) - 1) // 2]  # what the resolution rules read
 
 
 def test_coco_folder_train_val_jsons(tmp_path):

@@ -155,8 +155,7 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
             "(crowd annotations are not trained on)"
         )
     category_ids = sorted(categories)
-    sizes = {size for _, size, *_ in train}
-    image_size = sizes.pop() if len(sizes) == 1 else None
+    sizes = [size for _, size, *_ in train]
     files = tuple(file for file, *_ in train + test)
     name = os.path.basename(os.path.normpath(folder))
     data = [_coco_examples(records) for records in (train, test)]
@@ -174,10 +173,11 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
         class_names,
         len(train),
         "counted",
-        image_size,
+        images_lib.common_size(sizes),
         name,
         files,
         fingerprint=fingerprint,
+        median_size=images_lib.median_size(sizes),
         clipped=clipped,
         category_ids=category_ids,
         test_truth=[truth for *_, truth in test],

@@ -5,6 +5,7 @@ import os
 
 import tensorflow as tf
 
+from bit_keras.checks import arg
 from bit_keras.defaults import STRATEGIES
 
 
@@ -37,7 +38,7 @@ def make_strategy(name="auto", tpu=None):
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if not tpu:
-        raise ValueError("the tpu strategy needs a TPU address (--tpu NAME_OR_GRPC_ADDRESS, or 'local')")
+        raise ValueError(f"the tpu strategy needs a TPU address ({arg('tpu', 'NAME_OR_GRPC_ADDRESS')}, or 'local')")
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
@@ -47,7 +48,7 @@ def make_strategy(name="auto", tpu=None):
 def check_strategy(name, tpu=None):
     """A one-line error for a strategy name `make_strategy` does not know, or a TPU address given to another."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
+        raise ValueError(f"unknown {arg('strategy')} {name!r}; choose from {STRATEGIES}")
     if tpu and name not in ("auto", "tpu"):
         raise ValueError(f"a TPU address is for the tpu strategy, not {name!r}")
 
