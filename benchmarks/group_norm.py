@@ -1,4 +1,4 @@
-"""GroupNorm + ReLU alone: bit_keras's fused XLA kernel against Keras' `GroupNormalization` (issue #6).
+"""GroupNorm + ReLU alone: bit_keras's fused XLA kernel against Keras' `GroupNormalization`, on TensorFlow.
 
     python benchmarks/group_norm.py
 
@@ -8,25 +8,14 @@ each from a float64 reference. Both use BiT's epsilon (1e-5; Keras' default is 1
 """
 
 import argparse
+import os
 import sys
 
-from benchmark import median_ms, positive_int  # this folder's benchmark.py (sets KERAS_BACKEND)
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the benchmarks package
 
-
-def gn_shapes(arch, batch, resolution):
-    """`(batch, height, width, channels)` of every GroupNorm input of `arch`, in model order."""
-    from bit_keras.models import zoo
-    from bit_keras.models.layers import PreActBottleneck
-
-    model = zoo.create_model(arch, num_classes=0, input_shape=(resolution, resolution, 3))
-    shapes = []
-    for layer in model.layers:
-        if isinstance(layer, PreActBottleneck):
-            (_, h, w, c), (_, oh, ow, _) = layer.input.shape, layer.output.shape
-            shapes += [(batch, h, w, c), (batch, h, w, layer.filters), (batch, oh, ow, layer.filters)]
-        elif layer.name == "pre_head_norm":
-            shapes.append((batch, *layer.input.shape[1:]))
-    return shapes
+from benchmarks import architecture, harness
+from benchmarks.peers import bit_keras_tf
 
 
 def reference(x, gamma, beta, groups=32, epsilon=1e-5):
@@ -65,8 +54,8 @@ def measure(layer_fn, shapes, repeats, warmup):
 
         expected = reference(x.numpy(), gamma, beta)
         worst = max(worst, float(np.abs(forward().numpy() - expected).max() / np.abs(expected).max()))
-        forward_ms += median_ms(lambda forward=forward: forward().numpy(), repeats, warmup)
-        backward_ms += median_ms(lambda both=both: [g.numpy() for g in both()], repeats, warmup)
+        forward_ms += harness.median_ms(lambda forward=forward: forward().numpy(), repeats, warmup)
+        backward_ms += harness.median_ms(lambda both=both: [g.numpy() for g in both()], repeats, warmup)
     return forward_ms, backward_ms, worst
 
 
@@ -75,20 +64,18 @@ def main(argv=None):
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--model", default="R50x1", help="architecture whose GroupNorm shapes are timed")
-    p.add_argument("--batch", type=positive_int, default=8, help="batch")
-    p.add_argument("--resolution", type=positive_int, default=128, help="image size")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions per layer")
-    p.add_argument("--warmup", type=positive_int, default=2, help="untimed calls first (tracing, compilation)")
-    p.add_argument("--threads", type=positive_int, default=2, help="TensorFlow's intra- and inter-op threads")
+    p.add_argument("--batch", type=harness.positive_int, default=8, help="batch")
+    p.add_argument("--resolution", type=harness.positive_int, default=128, help="image size")
+    first = "untimed calls first (tracing, compilation)"
+    harness.add_repetition_flags(p, "timed repetitions per layer", first, "TensorFlow's intra- and inter-op threads")
     args = p.parse_args(argv)
     import keras
     import tensorflow as tf
 
     from bit_keras.models.layers import GN_EPSILON, GroupNorm
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    shapes = gn_shapes(args.model, args.batch, args.resolution)
+    bit_keras_tf.set_threads(args.threads)
+    shapes = architecture.group_norm_shapes(args.model, args.batch, args.resolution)
 
     def keras_layer():
         norm = keras.layers.GroupNormalization(groups=32, epsilon=GN_EPSILON)
