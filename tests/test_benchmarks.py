@@ -4,9 +4,11 @@ harness and the CPU report on made-up numbers."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -118,6 +120,28 @@ def test_fresh_process_timeout_kills_the_whole_process_group(tmp_path):
     assert result["error"] == "timed out after 2 s (--timeout)" and 2 <= result["worker_s"] < 30
     status = pathlib.Path(f"/proc/{pid_file.read_text()}/status")
     assert not status.exists() or "State:\tZ" in status.read_text()  # killed (a zombie where nothing reaps it)
+
+
+INTERRUPTED_PARENT = """
+    import sys
+    from benchmarks import harness
+    harness.measure_in_fresh_process(sys.argv[1], sys.argv[2:], 60, "--timeout")
+"""
+
+
+def test_interrupted_parent_kills_its_worker(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    script = worker_script(tmp_path, "import os; open(arguments[0], 'w').write(str(os.getpid())); time.sleep(60)")
+    command = [sys.executable, "-c", textwrap.dedent(INTERRUPTED_PARENT), script, pid_file]
+    proc = subprocess.Popen(command, cwd=SCRIPT.parents[1], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert "KeyboardInterrupt" in proc.communicate(timeout=30)[1]
+    status = pathlib.Path(f"/proc/{pid_file.read_text()}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()
 
 
 def test_worker_writes_the_error_cause(tmp_path):
