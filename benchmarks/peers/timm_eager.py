@@ -37,6 +37,7 @@ def setup(threads=None):
     torch.backends.cudnn.benchmark = True
 
 
+@functools.cache  # the schemas can be declared once a process
 def import_timm():
     """timm, which imports torchvision. The registry's torchvision wheel is a CUDA build whose C++ ops do not
     load beside CPU-only torch, and it then fails at import, registering fake kernels for two ops it lacks:
