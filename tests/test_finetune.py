@@ -71,7 +71,7 @@ def test_run_folder(small_npz, tmp_path):
     accuracy = np.mean(np.argmax(loaded(images), -1) == labels)
     assert accuracy == pytest.approx(metrics["test_accuracy"])
     # A finished run is not overwritten by accident.
-    with pytest.raises(ValueError, match="finished run.*--overwrite"):
+    with pytest.raises(ValueError, match="finished run.*overwrite to start this one afresh"):
         finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", **FAST)
     again = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), name="run", overwrite=True, **FAST)
     assert again.metrics["evals"][0]["step"] == 3
@@ -264,7 +264,7 @@ def test_small_data_is_said_and_clamped(tmp_path, caplog, small_npz):
     assert warnings == [
         "batch 512 is larger than the 21 training examples: clamped to 21 (lr scaled to it); the schedule's 5 steps "
         "are ~5 epochs",
-        "the 128px crops upsample the 24x24 images 5x (the HyperRule's size for small images); --resolution sets a "
+        "the 128px crops upsample the 24x24 images 5x (the HyperRule's size for small images); resolution sets a "
         "smaller one",
     ]
     rule = result.metrics["hyperrule"]
@@ -389,10 +389,10 @@ def test_damaged_run_files_are_named_and_metrics_are_strict_json(tmp_path):
     state = os.path.join(run.checkpoint_dir, "state.json")
     with open(state, "w") as f:
         f.write('{"step": 1')
-    with pytest.raises(ValueError, match=f"^{re.escape(state)} is not valid JSON .*--overwrite"):
+    with pytest.raises(ValueError, match=f"^{re.escape(state)} is not valid JSON .*pass overwrite to start"):
         run.prepare({"a": 1})
     with open(state, "w") as f:
-        json.dump({"step": 1, "weights": "w.h5"}, f)
+        json.dump({"step": 1, "weights": "step-1.npz", "evals": []}, f)
     with open(os.path.join(run.path, "run.json"), "w") as f:
         f.write("")
     with pytest.raises(ValueError, match=f"^{re.escape(os.path.join(run.path, 'run.json'))} is not valid JSON"):

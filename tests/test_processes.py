@@ -313,7 +313,10 @@ def test_cli_bad_input(tmp_path):
     (folder / "top" / "broken.png").write_bytes(b"not an image")
     cases = {
         "unknown_dataset": (["--dataset", "no_such_dataset"], "unknown tensorflow-datasets dataset 'no_such_dataset'"),
-        "broken_image": (["--image_folder", str(folder)], f"{folder / 'top' / 'broken.png'}: not a readable"),
+        "broken_image": (
+            ["--image_folder", str(folder), "--model", "BiT-R14x0.5-mnist5k"],  # the default would be probed first
+            f"{folder / 'top' / 'broken.png'}: not a readable",
+        ),
     }
     procs = {
         name: _cli([*args, "--logdir", str(tmp_path / name)], tmp_path, tmp_path / "cache")

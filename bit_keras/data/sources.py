@@ -80,6 +80,22 @@ def load(
     return embedded_digits()
 
 
+def check_source(dataset=None, image_folder=None):
+    """A one-line error for a data source that cannot be loaded, found cheaply (nothing read, no network): a tfds
+    name tfds does not know, an image folder that does not exist. Runs before a model download is even probed."""
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"image folder {image_folder!r} does not exist")
+    if dataset is not None and dataset not in BUNDLED:
+        import tensorflow_datasets as tfds
+
+        try:
+            tfds.builder_cls(dataset.split("/")[0].split(":")[0])
+        except tfds.core.DatasetNotFoundError:
+            raise ValueError(
+                f"unknown tensorflow-datasets dataset {dataset!r} (tfds.list_builders() lists them)"
+            ) from None
+
+
 def from_tfds(name, train_split="train", test_split="test", data_dir=None, manual_dir=None):
     """A TensorFlow Datasets dataset with `(image, label)` supervised keys, prepared on first use.
 

@@ -63,6 +63,17 @@ def load(
     return embedded_digit_canvases()
 
 
+def check_source(dataset=None, coco_folder=None):
+    """A one-line error for a detection data source that cannot be loaded, found cheaply (nothing read, no network):
+    a dataset that is neither bundled nor a supported tfds one, a COCO folder without its annotations folder."""
+    if dataset is not None and dataset not in BUNDLED and dataset not in _TFDS:
+        raise ValueError(f"unsupported detection dataset {dataset!r}; tfds ones: {', '.join(_TFDS)}")
+    if coco_folder is not None and not os.path.isdir(os.path.join(coco_folder, "annotations")):
+        raise FileNotFoundError(
+            f"{os.path.join(coco_folder, 'annotations')}: no such folder (a COCO folder has its instances JSON there)"
+        )
+
+
 def embedded_digit_canvases():
     """1000 train and 250 test 128x128 canvases of scikit-learn's bundled 8x8 digits on textured backgrounds, offline.
 

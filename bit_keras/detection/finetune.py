@@ -170,6 +170,9 @@ class DetectionRecipe(engine.Recipe):
     cache_dir: str | None = None
     freeze_backbone: bool = False
 
+    def check_source(self, options: engine.RunOptions) -> None:
+        data_lib.check_source(options.dataset, self.coco_folder)
+
     def check(self, options: engine.RunOptions) -> None:
         if options.image_folder is not None:
             raise ValueError("image_folder is for classification; detection reads a COCO folder (coco_folder)")

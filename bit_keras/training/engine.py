@@ -169,6 +169,11 @@ class Recipe(abc.ABC):
 
     task: str  # the verb, for messages: "finetune", "pretrain"
 
+    def check_source(self, options: RunOptions) -> None:
+        """A one-line error for a data source that cannot be loaded, found cheaply (before `check`, which may probe
+        the network for the model)."""
+        sources.check_source(options.dataset, options.image_folder)
+
     def check(self, options: RunOptions) -> None:  # noqa: B027 (optional hook)
         """The recipe's own checks of its settings, before any folder, download or TensorFlow op."""
 
@@ -209,6 +214,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     """Run `recipe` with `options`: the same sequence for every recipe; returns the finished run."""
     with logs.run_logging(options.verbose) as run_log:  # from the start: data loading logs too
         options.check()
+        recipe.check_source(options)
         recipe.check(options)
         strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
         data = recipe.load_data(options)
