@@ -168,7 +168,7 @@ def _grouped(tensor, groups):
 def _group_norm_parts(inputs, gamma, beta, groups, epsilon):
     """The grouped float32 inputs, each group's mean and 1/std, and the per-channel scale and shift they give."""
     x = _grouped(inputs, groups)
-    group = (1, 1, groups, -1)
+    group = (1, 1, groups, gamma.shape[0] // groups)
     mean, variance = _moments(x, (1, 3))
     inverse_std = ops.rsqrt(variance + epsilon)
     scale = inverse_std * ops.reshape(gamma, group)
@@ -194,10 +194,13 @@ def _xla_group_norm():
     XLA-must-compile functions stop ONNX converters and TF Serving's GPU builds: `portable_ops` turns it off."""
     import tensorflow as tf
 
-    compiled = tf.function(_group_norm, jit_compile=True, reduce_retracing=True)  # shapes vary by layer and image
+    compiled = tf.function(_group_norm, jit_compile=True)
 
     def group_norm(inputs, gamma, beta, *args):  # tensors, not variables: one trace per shape and dtype
-        return compiled(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), *args)
+        tensors = inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
+        if tf.executing_eagerly():  # through its concrete function: eager calls at many shapes are not "retracing"
+            return compiled.get_concrete_function(*tensors, *args)(*tensors)
+        return compiled(*tensors, *args)
 
     return group_norm
 
