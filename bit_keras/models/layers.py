@@ -21,6 +21,15 @@ BN_EPSILON = 1e-5  # only for the paper's BatchNorm ablation
 BN_MOMENTUM = 0.9
 
 _PORTABLE = contextvars.ContextVar("bit_keras_portable_ops", default=False)
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+def standardize_data_format(data_format=None) -> str:
+    """`data_format`, or Keras' image data format when None; a one-line error for anything else."""
+    data_format = keras.config.image_data_format() if data_format is None else str(data_format).lower()
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    return data_format
 
 
 @contextlib.contextmanager
@@ -83,10 +92,10 @@ class StandardizedConv2D(layers.Conv2D):
         return super().add_weight(*args, **kwargs)
 
     def standardize(self, kernel):
-        """`kernel` standardized per output channel, in float32."""
-        # float32 statistics even under mixed precision: var + 1e-10 is meaningless in 16-bit floats.
-        kernel = ops.cast(kernel, "float32")
-        if _fused_standardization():
+        """`kernel` standardized per output channel, in float32 (float64 under a float64 policy)."""
+        # float32 statistics even under 16-bit policies: var + 1e-10 is meaningless in 16-bit floats.
+        kernel = ops.cast(kernel, statistics_dtype(self.compute_dtype))
+        if kernel.dtype == "float32" and _fused_standardization():
             return _fused_standardize(kernel, self.epsilon)
         mean, variance = _moments(kernel, (0, 1, 2))
         return (kernel - mean) * ops.rsqrt(variance + self.epsilon)
@@ -126,17 +135,19 @@ class GroupNorm(layers.Layer):
     Ours rather than Keras' `GroupNormalization`: that one computes the variance as E[x^2] - E[x]^2,
     which loses ~4e-5 of the logits in float32 on BiT's large-mean residual stream; this is two-pass,
     and on TensorFlow one XLA kernel (plain ops under `portable_ops`). `relu=True` applies the ReLU that
-    follows every GroupNorm in BiT in that kernel.
+    follows every GroupNorm in BiT in that kernel. Channels-first inputs (`data_format`) are normalized
+    channels-last, between two transposes.
     """
 
-    def __init__(self, groups=GN_GROUPS, epsilon=GN_EPSILON, relu=False, **kwargs):
+    def __init__(self, groups=GN_GROUPS, epsilon=GN_EPSILON, relu=False, data_format=None, **kwargs):
         super().__init__(**kwargs)
         self.groups = groups
         self.epsilon = epsilon
         self.relu = relu
+        self.data_format = standardize_data_format(data_format)
 
     def build(self, input_shape):
-        size = input_shape[-1]
+        size = input_shape[1 if self.data_format == "channels_first" else -1]
         if size % self.groups:
             raise ValueError(f"{self.name}: {size} channels do not split into {self.groups} groups")
         # autocast=False: the affine step runs in float32 with the statistics, then casts once.
@@ -150,19 +161,30 @@ class GroupNorm(layers.Layer):
             group_norm = _jax_group_norm()
         else:
             group_norm = _group_norm
-        return group_norm(inputs, self.gamma, self.beta, self.groups, self.epsilon, self.relu, self.compute_dtype)
+        channels_first = self.data_format == "channels_first"
+        x = ops.transpose(inputs, (0, 2, 3, 1)) if channels_first else inputs
+        x = group_norm(x, self.gamma, self.beta, self.groups, self.epsilon, self.relu, self.compute_dtype)
+        return ops.transpose(x, (0, 3, 1, 2)) if channels_first else x
 
     def compute_output_shape(self, input_shape):
-        return input_shape
+        return tuple(input_shape)
 
     def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon, "relu": self.relu}
+        config = {"groups": self.groups, "epsilon": self.epsilon, "relu": self.relu, "data_format": self.data_format}
+        return {**super().get_config(), **config}
+
+
+def statistics_dtype(dtype) -> str:
+    """The dtype of group-norm and weight-standardization statistics under a compute `dtype`: float64 for float64,
+    else float32 (16-bit sums over a whole group would overflow or round)."""
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
 
 
 def _grouped(tensor, groups):
-    """Channels-last `tensor` as float32 (batch, pixels, groups, channels per group)."""
+    """Channels-last `tensor` in its statistics dtype, as (batch, pixels, groups, channels per group)."""
     shape = ops.shape(tensor)
-    return ops.reshape(ops.cast(tensor, "float32"), (shape[0], -1, groups, shape[-1] // groups))
+    x = ops.cast(tensor, statistics_dtype(tensor.dtype))
+    return ops.reshape(x, (shape[0], -1, groups, shape[-1] // groups))
 
 
 def _group_norm_parts(inputs, gamma, beta, groups, epsilon):
@@ -171,13 +193,12 @@ def _group_norm_parts(inputs, gamma, beta, groups, epsilon):
     group = (1, 1, groups, gamma.shape[0] // groups)
     mean, variance = _moments(x, (1, 3))
     inverse_std = ops.rsqrt(variance + epsilon)
-    scale = inverse_std * ops.reshape(gamma, group)
-    return x, mean, inverse_std, scale, ops.reshape(beta, group) - mean * scale
+    scale = inverse_std * ops.reshape(ops.cast(gamma, x.dtype), group)
+    return x, mean, inverse_std, scale, ops.reshape(ops.cast(beta, x.dtype), group) - mean * scale
 
 
 def _group_norm(inputs, gamma, beta, groups, epsilon, relu, dtype):
-    """GroupNorm (then ReLU) of channels-last `inputs`, statistics and affine step in float32 (16-bit sums
-    over a whole group would overflow or round)."""
+    """GroupNorm (then ReLU) of channels-last `inputs`, statistics and affine step in `statistics_dtype`."""
     x, _, _, scale, shift = _group_norm_parts(inputs, gamma, beta, groups, epsilon)
     return _scale_shift(x, scale, shift, relu, ops.shape(inputs), dtype)
 
@@ -228,7 +249,7 @@ def _jax_group_norm():
         if relu:  # the forward pass's ReLU, on the same pre-activation
             grad = ops.where(x * scale + shift > 0, grad, 0.0)
         normalized = (x - mean) * inverse_std
-        d_normalized = grad * ops.reshape(gamma, (1, 1, groups, -1))
+        d_normalized = grad * ops.reshape(ops.cast(gamma, x.dtype), (1, 1, groups, -1))
         d_inputs = inverse_std * (  # biased variance: dx = (g - mean(g) - x^ mean(g x^)) / std over each group
             d_normalized
             - ops.mean(d_normalized, axis=(1, 3), keepdims=True)
@@ -254,16 +275,17 @@ class BatchNormReLU(layers.BatchNormalization):
         return ops.relu(super().call(inputs, training=training, mask=mask))
 
 
-def norm_relu_layer(kind, name, groups=GN_GROUPS, dtype=None):
+def norm_relu_layer(kind, name, groups=GN_GROUPS, dtype=None, data_format=None):
     """The normalization of a BiT variant followed by ReLU: `"group"` (the paper's) or `"batch"` (ablation)."""
     if kind == "group":
-        return GroupNorm(groups, relu=True, name=name, dtype=dtype)
+        return GroupNorm(groups, relu=True, data_format=data_format, name=name, dtype=dtype)
     if kind == "batch":
-        return BatchNormReLU(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, dtype=dtype)
+        axis = 1 if standardize_data_format(data_format) == "channels_first" else -1
+        return BatchNormReLU(axis=axis, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, dtype=dtype)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {kind!r}")
 
 
-def conv_layer(filters, kernel_size, name, strides=1, weight_standardization=True, dtype=None):
+def conv_layer(filters, kernel_size, name, strides=1, weight_standardization=True, dtype=None, data_format=None):
     """A bias-free VALID convolution, weight-standardized unless the ablation turns it off."""
     conv = StandardizedConv2D if weight_standardization else layers.Conv2D
     return conv(
@@ -271,6 +293,7 @@ def conv_layer(filters, kernel_size, name, strides=1, weight_standardization=Tru
         kernel_size,
         strides=strides,
         padding="valid",
+        data_format=data_format,
         use_bias=False,
         kernel_initializer="he_normal",
         name=name,
@@ -294,6 +317,7 @@ class PreActBottleneck(layers.Layer):
         normalization="group",
         weight_standardization=True,
         groups=GN_GROUPS,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -302,30 +326,38 @@ class PreActBottleneck(layers.Layer):
         self.normalization = normalization
         self.weight_standardization = weight_standardization
         self.groups = groups
+        self.data_format = fmt = standardize_data_format(data_format)
         norm_kind, ws, dtype = normalization, weight_standardization, self.dtype_policy
-        self.norm_a = norm_relu_layer(norm_kind, "norm_a", groups, dtype)
-        self.conv_a = conv_layer(filters, 1, "conv_a", 1, ws, dtype)
-        self.norm_b = norm_relu_layer(norm_kind, "norm_b", groups, dtype)
+        self.norm_a = norm_relu_layer(norm_kind, "norm_a", groups, dtype, fmt)
+        self.conv_a = conv_layer(filters, 1, "conv_a", 1, ws, dtype, fmt)
+        self.norm_b = norm_relu_layer(norm_kind, "norm_b", groups, dtype, fmt)
         # Explicit symmetric padding: 'same' pads (0, 1) at stride 2 on even sizes, unlike the official code.
-        self.pad_b = layers.ZeroPadding2D(1, name="pad_b", dtype=dtype)
-        self.conv_b = conv_layer(filters, 3, "conv_b", strides, ws, dtype)
-        self.norm_c = norm_relu_layer(norm_kind, "norm_c", groups, dtype)
-        self.conv_c = conv_layer(4 * filters, 1, "conv_c", 1, ws, dtype)
+        self.pad_b = layers.ZeroPadding2D(1, data_format=fmt, name="pad_b", dtype=dtype)
+        self.conv_b = conv_layer(filters, 3, "conv_b", strides, ws, dtype, fmt)
+        self.norm_c = norm_relu_layer(norm_kind, "norm_c", groups, dtype, fmt)
+        self.conv_c = conv_layer(4 * filters, 1, "conv_c", 1, ws, dtype, fmt)
         self.proj = None
 
     def build(self, input_shape):
-        if self.strides > 1 or input_shape[-1] != 4 * self.filters:
+        channels_first = self.data_format == "channels_first"
+        if self.strides > 1 or input_shape[1 if channels_first else -1] != 4 * self.filters:
             self.proj = conv_layer(
-                4 * self.filters, 1, "proj", self.strides, self.weight_standardization, self.dtype_policy
+                4 * self.filters,
+                1,
+                "proj",
+                self.strides,
+                self.weight_standardization,
+                self.dtype_policy,
+                self.data_format,
             )
             self.proj.build(input_shape)
         self.norm_a.build(input_shape)
         self.conv_a.build(input_shape)
-        batch, height, width, _ = input_shape
-        self.norm_b.build((batch, height, width, self.filters))
-        padded = (None if size is None else size + 2 for size in (height, width))  # pad_b's output
-        self.conv_b.build((batch, *padded, self.filters))
-        strided = (*self.compute_output_shape(input_shape)[:-1], self.filters)
+        mid = self._shape(input_shape[0], self._spatial(input_shape), self.filters)
+        self.norm_b.build(mid)
+        padded = [None if size is None else size + 2 for size in self._spatial(input_shape)]  # pad_b's output
+        self.conv_b.build(self._shape(input_shape[0], padded, self.filters))
+        strided = self._shape(input_shape[0], self._spatial(self.compute_output_shape(input_shape)), self.filters)
         self.norm_c.build(strided)
         self.conv_c.build(strided)
 
@@ -342,7 +374,13 @@ class PreActBottleneck(layers.Layer):
         def down(size):
             return None if size is None else (size - 1) // self.strides + 1
 
-        return (input_shape[0], down(input_shape[1]), down(input_shape[2]), 4 * self.filters)
+        return self._shape(input_shape[0], [down(size) for size in self._spatial(input_shape)], 4 * self.filters)
+
+    def _spatial(self, shape):
+        return list(shape[2:4] if self.data_format == "channels_first" else shape[1:3])
+
+    def _shape(self, batch, spatial, channels):
+        return (batch, channels, *spatial) if self.data_format == "channels_first" else (batch, *spatial, channels)
 
     def get_config(self):
         return {
@@ -352,4 +390,5 @@ class PreActBottleneck(layers.Layer):
             "normalization": self.normalization,
             "weight_standardization": self.weight_standardization,
             "groups": self.groups,
+            "data_format": self.data_format,
         }
