@@ -301,9 +301,9 @@ def _is_detection_run(folder):
 
 
 def _export_detector(args):
+    from bit_keras.detection.export import export_detector
     from bit_keras.detection.retinanet import RetinaNet
     from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, load_keras, read_labels
-    from bit_keras.serving.export import export_detector
 
     given = [flag for flag in ("weights", "labels", "image_size", "kind") if getattr(args, flag) is not None]
     if given:

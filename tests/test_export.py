@@ -237,8 +237,9 @@ def test_exports_are_portable(small_npz, tmp_path, monkeypatch):
     no FusedBatchNormV3 (this CPU's fast weight standardization, whose epsilon cuDNN would clamp): every export
     kind and Keras' `Model.export`, all within 1e-5 of the Keras model. An in-process trace here holds both, and
     the writer refuses a graph that does."""
+    from bit_keras.detection.export import export_detector
     from bit_keras.detection.retinanet import create_detector
-    from bit_keras.serving.export import check_portable, export_detector
+    from bit_keras.serving.export import check_portable
     from tests.detection_helpers import SMALL
 
     model = bit_keras.create_model(small_npz)

@@ -3,8 +3,10 @@
 import keras
 from keras import layers
 from keras_hub.models import FeaturePyramidBackbone
+from keras_hub.src.utils.preset_utils import register_presets
 
 from bit_keras.checks import arg
+from bit_keras.models import presets
 from bit_keras.models.architecture import architecture_name, channels
 from bit_keras.models.layers import (
     GN_GROUPS,
@@ -57,29 +59,9 @@ class BiTBackbone(FeaturePyramidBackbone):
         root = channels(width)
         if normalization == "group" and root % groups:
             raise ValueError(f"width={width} gives {root} root channels, not divisible into {groups} groups")
-        ws, fmt = weight_standardization, data_format
         images = keras.Input(shape=image_shape, dtype="float32", name="images")
-        x = layers.Rescaling(2.0, offset=-1.0, name="to_minus_one_one", dtype=dtype)(images)  # [0,1] -> [-1,1]
-        x = layers.ZeroPadding2D(3, data_format=fmt, name="root_pad", dtype=dtype)(x)
-        x = conv_layer(root, 7, "root_conv", strides=2, weight_standardization=ws, dtype=dtype, data_format=fmt)(x)
-        x = layers.ZeroPadding2D(1, data_format=fmt, name="root_pool_pad", dtype=dtype)(x)  # zeros, not -inf
-        x = layers.MaxPooling2D(3, strides=2, padding="valid", data_format=fmt, name="stem", dtype=dtype)(x)
-        features = {"stem": x}
-        for b, units in enumerate(block_units, start=1):
-            for u in range(1, units + 1):
-                x = PreActBottleneck(
-                    root * 2 ** (b - 1),
-                    strides=2 if u == 1 and b > 1 else 1,  # the stride sits on unit01 of blocks 2-4
-                    normalization=normalization,
-                    weight_standardization=ws,
-                    groups=groups,
-                    data_format=fmt,
-                    name=f"block{b}_unit{u:02d}",
-                    dtype=dtype,
-                )(x)
-            features[f"block{b}"] = x
-        x = norm_relu_layer(normalization, "pre_head_norm", groups, dtype, data_format=fmt)(x)
-        features["final"] = x
+        features = body(images, block_units, width, normalization, weight_standardization, groups, dtype, data_format)
+        x = features["final"]
         super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
 
         self.block_units = tuple(block_units)
@@ -92,6 +74,16 @@ class BiTBackbone(FeaturePyramidBackbone):
         self.num_features = channels(width, 2048)
         self.features = features
         self.pyramid_outputs = {f"P{b + 1}": features[f"block{b}"] for b in range(1, len(block_units) + 1)}
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """keras-hub's `from_preset`: a preset directory (`save_to_preset`, a finished run folder), or a BiT preset by
+        name or alias ("BiT-M-R50x1", "bit_m_r50x1") from its official `.npz` (downloaded, or from
+        `pretrained_dir=` holding `NAME.npz`; `cache_dir=` for the download cache)."""
+        found = presets.find(preset)
+        if found is None:
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        return presets.load(cls, found, load_weights, **kwargs)
 
     @property
     def architecture(self) -> str:
@@ -109,3 +101,34 @@ class BiTBackbone(FeaturePyramidBackbone):
             "image_shape": self.image_shape,
             "data_format": self.data_format,
         }
+
+
+def body(images, block_units, width, normalization, weight_standardization, groups, dtype, data_format):
+    """BiT's layers on `images` (float32 in [0, 1]): `{"stem", "block1".."block4", "final"}` tensors, "final" after the
+    last group norm and ReLU."""
+    ws, fmt, root = weight_standardization, data_format, channels(width)
+    x = layers.Rescaling(2.0, offset=-1.0, name="to_minus_one_one", dtype=dtype)(images)  # [0,1] -> [-1,1]
+    x = layers.ZeroPadding2D(3, data_format=fmt, name="root_pad", dtype=dtype)(x)
+    x = conv_layer(root, 7, "root_conv", strides=2, weight_standardization=ws, dtype=dtype, data_format=fmt)(x)
+    x = layers.ZeroPadding2D(1, data_format=fmt, name="root_pool_pad", dtype=dtype)(x)  # zeros, not -inf
+    x = layers.MaxPooling2D(3, strides=2, padding="valid", data_format=fmt, name="stem", dtype=dtype)(x)
+    features = {"stem": x}
+    for b, units in enumerate(block_units, start=1):
+        for u in range(1, units + 1):
+            x = PreActBottleneck(
+                root * 2 ** (b - 1),
+                strides=2 if u == 1 and b > 1 else 1,  # the stride sits on unit01 of blocks 2-4
+                normalization=normalization,
+                weight_standardization=ws,
+                groups=groups,
+                data_format=fmt,
+                name=f"block{b}_unit{u:02d}",
+                dtype=dtype,
+            )(x)
+        features[f"block{b}"] = x
+    features["final"] = norm_relu_layer(normalization, "pre_head_norm", groups, dtype, data_format=fmt)(x)
+    return features
+
+
+# keras-hub has no public way to register presets; its models register theirs so, in this module.
+register_presets(presets.keras_hub_presets(), BiTBackbone)

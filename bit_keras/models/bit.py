@@ -1,39 +1,31 @@
-"""The BiT (ResNet-v2, GroupNorm + Weight Standardization) functional model."""
+"""`BiT`, the earlier single-class BiT model (images in [0, 1] -> logits or pooled features): it loads the `.keras`
+files earlier versions wrote and keeps its constructor; new code uses `BiTImageClassifier` and `BiTBackbone`, which
+`to_classifier()` turns it into (same layers, same weights)."""
 
 import keras
 import numpy as np
 from keras import layers
 
 from bit_keras.checks import arg
-from bit_keras.models.layers import (
-    GN_GROUPS,
-    NORMALIZATIONS,
-    PreActBottleneck,
-    conv_layer,
-    norm_relu_layer,
-    portable_ops,
-)
-from bit_keras.models.zoo import channels
+from bit_keras.models.backbone import body
+from bit_keras.models.layers import GN_GROUPS, NORMALIZATIONS, portable_ops
 
 FEATURE_NAMES = ("stem", "block1", "block2", "block3", "block4", "pre_logits")
-# Float32 weights computing in float32 or (mixed precision) bfloat16/float16; pure float16, bfloat16 or float64
-# weights are refused (GroupNorm and weight standardization are not built for them).
-POLICIES = (None, "float32", "mixed_bfloat16", "mixed_float16")
 
 
 def check_policy(dtype) -> str | None:
-    """The dtype policy name of `dtype` (None: float32 without a policy); a one-line error unless in `POLICIES`."""
-    policy = keras.dtype_policies.get(dtype).name if dtype is not None else None
-    if policy not in POLICIES:
-        raise ValueError(
-            f"{arg('dtype')} must be one of {[p for p in POLICIES if p]} (a Keras dtype policy), got {dtype!r}"
-        )
-    return policy
+    """The dtype policy name of `dtype` (None: no policy given); a one-line error unless Keras knows it."""
+    if dtype is None:
+        return None
+    try:
+        return keras.dtype_policies.get(dtype).name
+    except ValueError:
+        raise ValueError(f"{arg('dtype')} must be a Keras dtype policy (e.g. mixed_bfloat16), got {dtype!r}") from None
 
 
 @keras.saving.register_keras_serializable(package="bit_keras")
 class BiT(keras.Model):
-    """A BiT ResNet-v2 taking float32 RGB images in [0, 1] of any size (mapped to [-1, 1] inside).
+    """A BiT ResNet-v2 taking float32 RGB images in [0, 1] of any size (mapped to [-1, 1] inside), as one model.
 
     Args:
         block_units: units per block, e.g. (3, 4, 6, 3) for R50.
@@ -46,9 +38,7 @@ class BiT(keras.Model):
         dtype: a dtype policy name such as "mixed_bfloat16"; outputs stay float32.
 
     `features` maps "stem", "block1".."block4" and "pre_logits" to the model's intermediate tensors;
-    `pyramid_outputs` maps "P2".."P5" to block1..block4 (strides 4..32), as keras-hub's backbones name their
-    feature pyramid, so a BiT serves as keras-hub's image encoder; `feature_extractor()` turns either's
-    tensors into a model.
+    `pyramid_outputs` maps "P2".."P5" to block1..block4 (strides 4..32).
     """
 
     def __init__(
@@ -68,32 +58,9 @@ class BiT(keras.Model):
             raise ValueError(f"{arg('normalization')} must be one of {NORMALIZATIONS}, got {normalization!r}")
         if num_classes is None or num_classes < 0:
             raise ValueError(f"{arg('num_classes')} must be an int >= 0 (0: pooled features), got {num_classes!r}")
-        root = channels(width)
-        if normalization == "group" and root % groups:
-            raise ValueError(f"width={width} gives {root} root channels, not divisible into {groups} groups")
-        ws = weight_standardization
-
         images = keras.Input(shape=input_shape, dtype="float32", name="images")
-        x = layers.Rescaling(2.0, offset=-1.0, name="to_minus_one_one", dtype=dtype)(images)  # [0,1] -> [-1,1]
-        x = layers.ZeroPadding2D(3, name="root_pad", dtype=dtype)(x)
-        x = conv_layer(root, 7, "root_conv", strides=2, weight_standardization=ws, dtype=dtype)(x)
-        x = layers.ZeroPadding2D(1, name="root_pool_pad", dtype=dtype)(x)  # zeros, not -inf, as the official code
-        x = layers.MaxPooling2D(3, strides=2, padding="valid", name="stem", dtype=dtype)(x)
-        features = {"stem": x}
-        for b, units in enumerate(block_units, start=1):
-            for u in range(1, units + 1):
-                x = PreActBottleneck(
-                    root * 2 ** (b - 1),
-                    strides=2 if u == 1 and b > 1 else 1,  # the stride sits on unit01 of blocks 2-4
-                    normalization=normalization,
-                    weight_standardization=ws,
-                    groups=groups,
-                    name=f"block{b}_unit{u:02d}",
-                    dtype=dtype,
-                )(x)
-            features[f"block{b}"] = x
-        x = norm_relu_layer(normalization, "pre_head_norm", groups, dtype)(x)
-        x = layers.GlobalAveragePooling2D(name="pre_logits", dtype="float32")(x)
+        features = body(images, block_units, width, normalization, weight_standardization, groups, dtype, None)
+        x = layers.GlobalAveragePooling2D(name="pre_logits", dtype="float32")(features.pop("final"))
         features["pre_logits"] = x
         if num_classes:
             x = layers.Dense(
@@ -113,7 +80,29 @@ class BiT(keras.Model):
         self.features = features
         self.pyramid_outputs = {f"P{b + 1}": features[f"block{b}"] for b in range(1, len(block_units) + 1)}
 
-    def feature_extractor(self, names: tuple[str, ...] | list[str] = FEATURE_NAMES) -> keras.Model:
+    def to_classifier(self):
+        """This model as a `BiTImageClassifier` (a `BiTBackbone` and a head named "predictions"), its weights copied."""
+        from bit_keras.models.backbone import BiTBackbone
+        from bit_keras.models.classifier import BiTImageClassifier
+
+        backbone = BiTBackbone(
+            self.block_units,
+            self.width,
+            self.normalization,
+            self.weight_standardization,
+            self.groups,
+            self.image_shape,
+            dtype=self.policy,
+        )
+        for layer in backbone.layers:
+            if layer.weights:
+                layer.set_weights(self.get_layer(layer.name).get_weights())
+        classifier = BiTImageClassifier(backbone, self.num_classes, name=self.name)
+        if self.num_classes:
+            classifier.output_dense.set_weights(self.get_layer("head").get_weights())
+        return classifier
+
+    def feature_extractor(self, names=FEATURE_NAMES) -> keras.Model:
         """A model sharing this one's weights that returns a dict of the named intermediate outputs."""
         tensors = self.features | self.pyramid_outputs
         unknown = sorted(set(names) - set(tensors))
@@ -121,39 +110,13 @@ class BiT(keras.Model):
             raise ValueError(f"unknown feature names {unknown}; choose from {sorted(tensors)}")
         return keras.Model(self.input, {n: tensors[n] for n in names}, name=f"{self.name}_features")
 
-    def with_new_head(self, num_classes: int, dtype: str | None = None) -> "BiT":
-        """A copy of this model with a new zero-initialized head of `num_classes` (0: pooled features), computing
-        in `dtype` (a dtype policy name) when given."""
-        overrides = {"num_classes": num_classes} | ({"dtype": dtype} if dtype is not None else {})
-        model = BiT.from_config({**self.get_config(), **overrides})
-        for layer in self.layers:
-            if layer.name != "head" and layer.weights:
-                model.get_layer(layer.name).set_weights(layer.get_weights())
-        return model
+    def with_new_head(self, num_classes: int, dtype: str | None = None):
+        """`to_classifier().with_new_head(...)`: a `BiTImageClassifier`."""
+        return self.to_classifier().with_new_head(num_classes, dtype=dtype)
 
-    def fold_weight_standardization(self) -> "BiT":
-        """A copy for inference whose plain convolutions hold the standardized kernels (this model when it
-        has no weight standardization).
-
-        Same outputs, without standardizing every kernel on every call (faster inference at small batches; the
-        README's performance section has the numbers). Train the original, not the copy: its kernels would not
-        be standardized again after an update.
-        """
-        if not self.weight_standardization:
-            return self
-        folded = BiT.from_config({**self.get_config(), "weight_standardization": False})
-        folded.set_weights(self.get_weights())
-        for ours, theirs in zip(self._convolutions(), folded._convolutions(), strict=True):
-            theirs.kernel.assign(ours.standardize(ours.kernel))
-        return folded
-
-    def _convolutions(self):
-        """Every convolution, in model order."""
-        for layer in self.layers:
-            if isinstance(layer, PreActBottleneck):
-                yield from (c for c in (layer.conv_a, layer.conv_b, layer.conv_c, layer.proj) if c is not None)
-            elif isinstance(layer, layers.Conv2D):
-                yield layer
+    def fold_weight_standardization(self):
+        """`to_classifier().fold_weight_standardization()`: a `BiTImageClassifier`."""
+        return self.to_classifier().fold_weight_standardization()
 
     def predict(self, x, *args, **kwargs):
         """Keras' `Model.predict`; an array of no images gives an empty result (Keras 3 raises UnboundLocalError)."""

@@ -45,25 +45,27 @@ def _conv_entry(layer, prefix):
 
 
 def layout(model):
-    """`[(key, variable, shape_in_file)]` for every weight of a `BiT` model, in the official key names.
+    """`[(key, variable, shape_in_file)]` for every weight of a BiT model (a `BiTImageClassifier`, a
+    `BiTBackbone`, or the earlier `BiT`), in the official key names.
 
     Group norm and weight-standardized convolutions give exactly the official keys; the ablation
     variants use `batch_norm/{gamma,beta,moving_mean,moving_variance}` and `conv2d/kernel` instead.
     """
-    entries = [_conv_entry(model.get_layer("root_conv"), PREFIX + "root_block/")]
-    for b, units in enumerate(model.block_units, start=1):
+    body = getattr(model, "backbone", model)  # a classifier's backbone, or the model itself
+    head = _head(model)
+    entries = [_conv_entry(body.get_layer("root_conv"), PREFIX + "root_block/")]
+    for b, units in enumerate(body.block_units, start=1):
         for u in range(1, units + 1):
-            unit = model.get_layer(f"block{b}_unit{u:02d}")
+            unit = body.get_layer(f"block{b}_unit{u:02d}")
             prefix = f"{PREFIX}block{b}/unit{u:02d}/"
             for part in "abc":
                 entries += _norm_entries(getattr(unit, f"norm_{part}"), f"{prefix}{part}/")
                 entries.append(_conv_entry(getattr(unit, f"conv_{part}"), f"{prefix}{part}/"))
             if unit.proj is not None:
                 entries.append(_conv_entry(unit.proj, f"{prefix}a/proj/"))
-    entries += _norm_entries(model.get_layer("pre_head_norm"), PREFIX)
+    entries += _norm_entries(body.get_layer("pre_head_norm"), PREFIX)
     result = [(key, var, tuple(var.shape)) for key, var in entries]
-    if model.num_classes:
-        head = model.get_layer("head")
+    if head is not None:
         result.append((HEAD_KEYS[0], head.kernel, (1, 1, *head.kernel.shape)))  # official head: 1x1 conv
         result.append((HEAD_KEYS[1], head.bias, tuple(head.bias.shape)))
     covered = {id(var) for _, var, _ in result}
@@ -71,6 +73,13 @@ def layout(model):
     if missing:
         raise CheckpointError(f"model weights without a checkpoint key: {missing[:5]}")
     return result
+
+
+def _head(model):
+    """The dense head of a BiT model, or None (a backbone, a model of pooled features)."""
+    if not getattr(model, "num_classes", 0):
+        return None
+    return getattr(model, "output_dense", None) or model.get_layer("head")  # `BiTImageClassifier`'s, or `BiT`'s
 
 
 def read_npz(path):

@@ -8,6 +8,7 @@ from keras_hub.layers import ImageConverter
 from keras_hub.models import ImageClassifier, ImageClassifierPreprocessor, Task
 
 from bit_keras.checks import arg
+from bit_keras.models import presets
 from bit_keras.models.backbone import BiTBackbone
 from bit_keras.models.layers import PreActBottleneck, portable_ops
 
@@ -77,7 +78,8 @@ class BiTImageClassifier(ImageClassifier):
         self.output_dropout = layers.Dropout(dropout, dtype=head_dtype, name="output_dropout")
         self.output_dense = None
         inputs = backbone.input
-        x = self.output_dropout(self.pooler(backbone(inputs)))
+        pooled = self.pooler(backbone(inputs))
+        x = self.output_dropout(pooled)
         if num_classes:
             self.output_dense = layers.Dense(
                 num_classes,
@@ -95,6 +97,19 @@ class BiTImageClassifier(ImageClassifier):
         self.pooling = pooling
         self.dropout = dropout
         self.head_dtype = head_dtype
+        self.features = {k: v for k, v in backbone.features.items() if k != "final"} | {"pre_logits": pooled}
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """keras-hub's `from_preset`: a preset directory (`save_to_preset`, a finished run folder: its class names and
+        input size come with it), or a BiT preset by name or alias ("BiT-M-R50x1-ILSVRC2012",
+        "bit_m_r50x1_ilsvrc2012") from its official `.npz` (downloaded, or from `pretrained_dir=` holding `NAME.npz`;
+        `cache_dir=` for the download cache, `labels=` a file of class names), with its label names and a
+        preprocessor at its size; `num_classes=` a new zero-initialized head."""
+        found = presets.find(preset)
+        if found is None:
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        return presets.load(cls, found, load_weights, **kwargs)
 
     @property
     def image_size(self) -> int | None:
@@ -120,14 +135,11 @@ class BiTImageClassifier(ImageClassifier):
     def feature_extractor(self, names=FEATURE_NAMES) -> keras.Model:
         """A model sharing this one's weights that returns a dict of the named intermediate outputs: "stem",
         "block1".."block4", "P2".."P5" (as block1..block4) and "pre_logits" (the pooled features)."""
-        backbone = self.backbone
-        tensors = {k: v for k, v in backbone.features.items() if k != "final"} | backbone.pyramid_outputs
-        unknown = sorted(set(names) - set(tensors) - {"pre_logits"})
+        tensors = self.features | self.pyramid_outputs
+        unknown = sorted(set(names) - set(tensors))
         if unknown:
-            raise ValueError(f"unknown feature names {unknown}; choose from {sorted([*tensors, 'pre_logits'])}")
-        if "pre_logits" in names:
-            tensors["pre_logits"] = self.pooler(backbone.output)
-        return keras.Model(backbone.input, {n: tensors[n] for n in names}, name=f"{self.name}_features")
+            raise ValueError(f"unknown feature names {unknown}; choose from {sorted(tensors)}")
+        return keras.Model(self.input, {n: tensors[n] for n in names}, name=f"{self.name}_features")
 
     def with_new_head(self, num_classes: int, dtype=None, class_names=None) -> "BiTImageClassifier":
         """A copy with a new zero-initialized head of `num_classes` (0: pooled features), its backbone computing in

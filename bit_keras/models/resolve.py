@@ -1,7 +1,8 @@
 """One resolver from what a user names to a model, for every command: a zoo checkpoint name, an architecture,
-an official `.npz` (path or URL), a `.keras` file or a model folder (a finished run folder).
+an official `.npz` (path or URL), a `.keras` file, a preset directory (`save_to_preset`) or a finished run folder.
 
-A zoo checkpoint name means its pretrained weights, here and nowhere else.
+A zoo checkpoint name means its pretrained weights, here and nowhere else. The model is a `BiTImageClassifier`
+(`num_classes=0`: pooled features); it carries its class names and input size where it has them.
 """
 
 import dataclasses
@@ -14,20 +15,28 @@ import keras
 
 from bit_keras import files
 from bit_keras.checks import arg, check_int
-from bit_keras.models import checkpoint, download, zoo
+from bit_keras.models import checkpoint, download, presets, zoo
 from bit_keras.models.bit import BiT, check_policy
+from bit_keras.models.classifier import BiTImageClassifier, BiTImageClassifierPreprocessor, BiTImageConverter
 from bit_keras.models.zoo import read_labels  # callers read class names files through `resolve`
 
-# A model folder (what a finished training run leaves): the model, its class names and its metrics.
-MODEL_FILE, CLASS_NAMES_FILE, METRICS_FILE = "model.keras", "class_names.txt", "metrics.json"
+# A model folder: a preset directory (keras-hub's layout, `PRESET_FILE` first), which a finished run folder is, and
+# the model as one `.keras` file. Run folders of earlier versions held the model file, its class names and metrics.
+PRESET_FILE, MODEL_FILE, CLASS_NAMES_FILE, METRICS_FILE = (
+    "config.json",
+    "model.keras",
+    "class_names.txt",
+    "metrics.json",
+)
 SHIPPED = "BiT-R14x0.5-mnist5k"  # the zoo checkpoint inside the package: offline, always there
 
 
 @dataclasses.dataclass
 class ResolvedModel:
-    """A model and what serving it needs: a short name, its class names (read on first use) and its input size."""
+    """A model and what serving it needs: a short name, its class names and its input size (what the model carries,
+    else what was found for it: a zoo checkpoint's label names, read on first use, and input size)."""
 
-    model: BiT
+    model: BiTImageClassifier
     name: str
     image_size: int | None  # the side a classifier resizes images to; None: unknown
     labels_path: str | None = None  # a file of class names, one per line
@@ -40,6 +49,8 @@ class ResolvedModel:
         """The head's class names, or None when unknown (downloaded for zoo checkpoints, only when asked)."""
         if self.labels_path is not None:
             names = read_labels(self.labels_path)
+        elif self.model.class_names is not None:
+            return self.model.class_names
         elif self.labels_source is not None:
             names = zoo.label_names(self.labels_source, cache_dir=self.cache_dir)
         else:
@@ -47,6 +58,23 @@ class ResolvedModel:
         if self.model.num_classes and len(names) != self.model.num_classes:
             raise ValueError(f"{len(names)} class names for a model of {self.model.num_classes} classes")
         return names
+
+    def serving_model(self) -> BiTImageClassifier:
+        """The model with its class names (when known) and a preprocessor at its input size (when known): what a
+        saved classifier should carry."""
+        return with_serving(self.model, self.class_names if self.model.num_classes else None, self.image_size)
+
+
+def with_serving(model: BiTImageClassifier, class_names=None, image_size=None) -> BiTImageClassifier:
+    """`model` (changed in place) carrying `class_names` and, when `image_size` is given, a preprocessor resizing raw
+    images to it."""
+    if class_names is not None:
+        if len(class_names) != model.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes")
+        model.class_names = [str(name) for name in class_names]
+    if image_size is not None:
+        model.preprocessor = BiTImageClassifierPreprocessor(BiTImageConverter(image_size=(image_size, image_size)))
+    return model
 
 
 def kind_of(spec: str) -> str:
@@ -60,6 +88,8 @@ def kind_of(spec: str) -> str:
     if spec.endswith(".keras"):
         return "keras"
     if zoo.ARCH_PATTERN.fullmatch(spec) or not os.path.isdir(spec):
+        if presets.find(spec) is not None:  # a preset's alias
+            return "checkpoint"
         zoo.parse_architecture(spec)  # a ValueError naming the choices
         return "architecture"
     return "folder"
@@ -86,14 +116,19 @@ def check_spec(
         raise ValueError(f"{arg('bit_pretrained_dir')} applies to checkpoint names only, not {spec!r}")
     if weights is not None and kind in ("npz", "keras", "folder"):
         raise ValueError(f"{spec} holds its weights already: leave {arg('weights')} out")
-    if kind in ("keras", "folder"):
-        path = _keras_file(spec, kind)
-        if not os.path.exists(path):
-            what = "a finished run or model folder" if kind == "folder" else "a file"
-            raise FileNotFoundError(f"{path} does not exist ({spec} must be {what})")
-        _check_keras_zip(path)
+    if kind == "folder" and not os.path.exists(os.path.join(spec, PRESET_FILE)):
+        if not os.path.exists(os.path.join(spec, MODEL_FILE)):
+            raise FileNotFoundError(
+                f"{spec} holds neither {PRESET_FILE} (a preset) nor {MODEL_FILE}: it must be a finished run, a preset "
+                "or a model folder"
+            )
+        _check_keras_zip(os.path.join(spec, MODEL_FILE))
+    if kind == "keras":
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"{spec} does not exist")
+        _check_keras_zip(spec)
     if kind == "checkpoint" and pretrained_dir is not None and weights is None:
-        path = os.path.join(pretrained_dir, f"{spec}.npz")
+        path = os.path.join(pretrained_dir, f"{presets.find(spec).name}.npz")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist ({arg('bit_pretrained_dir')} holds NAME.npz checkpoints)")
     source = _checkpoint_source(spec, kind, weights, pretrained_dir)
@@ -112,9 +147,9 @@ def _checkpoint_source(spec: str, kind: str, weights: str | None, pretrained_dir
     if kind == "npz":
         return spec
     if kind == "checkpoint" and weights is None and pretrained_dir is not None:
-        return os.path.join(pretrained_dir, f"{spec}.npz")
+        return os.path.join(pretrained_dir, f"{presets.find(spec).name}.npz")
     if kind == "checkpoint" and weights in (None, "pretrained"):
-        return zoo.CHECKPOINTS[spec].url
+        return presets.find(spec).url
     return None if weights == "pretrained" else weights  # an architecture's "pretrained": create_model says why not
 
 
@@ -142,14 +177,15 @@ def resolve_model(
     cache_dir: str | None = None,
     offline: str | None = None,
 ) -> ResolvedModel:
-    """The model `spec` names, loaded.
+    """The model `spec` names, loaded, as a `BiTImageClassifier`.
 
-    - a zoo checkpoint name: its pretrained weights (`pretrained_dir/NAME.npz` when given, else downloaded
-      once), or `weights`; its label names and input size;
+    - a zoo checkpoint name (or alias): its pretrained weights (`pretrained_dir/NAME.npz` when given, else
+      downloaded once), or `weights`; its label names and input size;
     - an architecture ("R50x1"): random initialization, or `weights` (an official `.npz` path or URL);
     - an official `.npz` path or URL: the architecture read from the file;
-    - a `.keras` file, or a folder holding `model.keras` (a finished run): class names from
-      `class_names.txt` beside it, the input size from `metrics.json` beside it.
+    - a preset directory (`save_to_preset`: a finished run folder is one), or a `.keras` file (or a folder holding
+      `model.keras`): the model with the class names and input size it carries (a `BiT` of an earlier version:
+      upgraded, with those of its run folder's `class_names.txt` and `metrics.json`).
 
     `num_classes` gives a new zero-initialized head of that size when it differs (0: pooled features);
     `new_head=True` zeroes the head even when the size is the same (BiT transfers with a zero head).
@@ -161,41 +197,64 @@ def resolve_model(
     check_policy(dtype)
     spec = str(spec)
     kind = check_spec(spec, weights, pretrained_dir, cache_dir=cache_dir, offline=offline)
-    found_size = labels_source = labels_path = None
+    found_size = labels_source = None
     if kind in ("keras", "folder"):
-        path = _keras_file(spec, kind)
-        model = load_keras(path, BiT)
+        model, name = _load_model_file(spec, kind)
         if dtype is not None and not new_head:
-            raise ValueError(f"{path} keeps its own dtype policy; a new one needs a new head")
+            raise ValueError(f"{spec} keeps its own dtype policy; a new one needs a new head")
+        found_size = model.image_size
         if new_head or dtype is not None or (num_classes is not None and num_classes != model.num_classes):
             model = model.with_new_head(model.num_classes if num_classes is None else num_classes, dtype=dtype)
-        folder = os.path.dirname(os.path.abspath(path))
-        beside = os.path.join(folder, CLASS_NAMES_FILE)
-        labels_path = beside if os.path.exists(beside) and not new_head else None
-        found_size = _trained_size(os.path.join(folder, METRICS_FILE))
-        name = os.path.basename(os.path.abspath(spec)) if kind == "folder" else os.path.basename(spec)[: -len(".keras")]
     else:
         source = _checkpoint_source(spec, kind, weights, pretrained_dir)
         weights = source if kind == "checkpoint" else weights
+        preset = presets.find(spec) if kind == "checkpoint" else None
         try:
-            model = zoo.create_model(spec, weights=weights, num_classes=num_classes, cache_dir=cache_dir, dtype=dtype)
+            model = zoo.create_model(
+                preset.name if preset else spec,
+                weights=weights,
+                num_classes=num_classes,
+                cache_dir=cache_dir,
+                dtype=dtype,
+            )
         except download.DownloadError as err:
             if not download.is_url(source):
                 raise
             raise download.DownloadError(f"{err}; offline, {_offline_ways(spec, source, cache_dir, offline)}") from err
         if new_head and model.num_classes:
-            head = model.get_layer("head")
+            head = model.output_dense
             head.kernel.assign(keras.ops.zeros(head.kernel.shape))
             head.bias.assign(keras.ops.zeros(head.bias.shape))
-        entry = zoo.CHECKPOINTS.get(spec)
-        if entry is not None:
-            found_size = entry.input_size
-            labels_source = spec if model.num_classes == entry.num_classes and not new_head else None
+        if preset is not None:
+            found_size = preset.input_size
+            labels_source = preset.name if model.num_classes == preset.num_classes and not new_head else None
         name = model.name
-    if labels is not None:
-        labels_path, labels_source = labels, None
     image_size = found_size if image_size is None else image_size
-    return ResolvedModel(model, name, image_size, labels_path, labels_source, cache_dir, kind)
+    return ResolvedModel(model, name, image_size, labels, labels_source, cache_dir, kind)
+
+
+def _load_model_file(spec: str, kind: str) -> tuple[BiTImageClassifier, str]:
+    """The classifier of a preset directory, a `.keras` file or a folder holding `model.keras`, and its short name."""
+    if kind == "folder" and os.path.exists(os.path.join(spec, PRESET_FILE)):
+        try:
+            model = BiTImageClassifier.from_preset(spec)
+        except (ValueError, OSError, TypeError, KeyError) as err:
+            raise ValueError(f"{spec}: not a preset of a bit_keras classifier ({_first_reason(err)})") from None
+        return model, os.path.basename(os.path.abspath(spec))
+    path = os.path.join(spec, MODEL_FILE) if kind == "folder" else spec
+    model = load_keras(path, (BiTImageClassifier, BiT))
+    if isinstance(model, BiT):
+        model = _upgrade(model, os.path.dirname(os.path.abspath(path)))
+    name = os.path.basename(os.path.abspath(spec)) if kind == "folder" else os.path.basename(spec)[: -len(".keras")]
+    return model, name
+
+
+def _upgrade(model: BiT, folder: str) -> BiTImageClassifier:
+    """A `BiT` of an earlier version as a classifier, with the class names and input size its run folder held beside
+    it (`class_names.txt`, `metrics.json`); this version's models carry them."""
+    beside = os.path.join(folder, CLASS_NAMES_FILE)
+    class_names = read_labels(beside) if os.path.exists(beside) and model.num_classes else None
+    return with_serving(model.to_classifier(), class_names, _trained_size(os.path.join(folder, METRICS_FILE)))
 
 
 def save_model(model: keras.Model, path: str) -> str:
@@ -205,7 +264,7 @@ def save_model(model: keras.Model, path: str) -> str:
     return path
 
 
-def load_keras(path: str, expected_class: type | None = None) -> keras.Model:
+def load_keras(path: str, expected_class: type | tuple[type, ...] | None = None) -> keras.Model:
     """The model of the `.keras` file at `path`, loaded in Keras' safe mode (nothing in the file runs); a one-line
     ValueError naming the file for a FIFO or device, a file that is no `.keras` zip, one that Keras cannot load
     safely (a function of an arbitrary module, a Python lambda, ...) or one holding no `expected_class`."""
@@ -214,8 +273,9 @@ def load_keras(path: str, expected_class: type | None = None) -> keras.Model:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as err:  # Keras' TypeErrors and ValueErrors dump the whole config, over many lines
         raise ValueError(f"{path}: could not be loaded safely as a Keras model ({_first_reason(err)})") from None
-    if expected_class is not None and not isinstance(model, expected_class):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not a bit_keras {expected_class.__name__}")
+    expected = expected_class if isinstance(expected_class, tuple) else (expected_class,)
+    if expected_class is not None and not isinstance(model, expected):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a bit_keras {expected[0].__name__}")
     return model
 
 
@@ -237,10 +297,6 @@ def _first_reason(err: BaseException) -> str:
         err = inner
         seen.add(id(err))
     return (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0][:200]
-
-
-def _keras_file(spec: str, kind: str) -> str:
-    return os.path.join(spec, MODEL_FILE) if kind == "folder" else spec
 
 
 def _trained_size(metrics_path: str) -> int | None:

@@ -34,7 +34,6 @@ from bit_keras import files
 from bit_keras.checks import arg, check_int
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.defaults import EXPORT_FORMATS as FORMATS
-from bit_keras.detection.retinanet import MAX_DETECTIONS
 from bit_keras.models import download
 from bit_keras.models.layers import portable_ops
 from bit_keras.models.resolve import ResolvedModel
@@ -76,7 +75,7 @@ def export(
     suffix = formats.SUFFIXES.get(format)
     if suffix and not out.endswith(suffix):
         raise ValueError(f"format={format!r} writes one file: out must end in {suffix}, got {out}")
-    _check_out(out, overwrite, file=bool(suffix))
+    check_out(out, overwrite, file=bool(suffix))
     if kind == "classification" and not model.num_classes:
         raise ValueError("a classification export needs a model with a head (num_classes > 0)")
     missing = []
@@ -107,89 +106,13 @@ def export(
             root.feature_vector = _reusable(features)  # the backbone alone, for a new head
         signatures = {"serving_default": _serving_default(net, kind)}
         if kind == "classification":
-            _add_labels(root, tmp, class_names)
+            add_labels(root, tmp, class_names)
             signatures["serving_bytes"] = _serving_bytes(
                 net, root.labels, int(image_size), min(top_k, model.num_classes)
             )
         return root, signatures
 
-    _write_saved_model(out, build)
-    return out
-
-
-def export_detector(model: keras.Model, out: str | os.PathLike, class_names: list[str], overwrite: bool = False):
-    """Write a `bit_keras.detection.retinanet.RetinaNet` as a SavedModel directory at `out`; returns `out`.
-
-    Signatures, with the TF Object Detection API's output names so that its serving clients work:
-
-    - `serving_default`: `images`, float32 RGB in [0, 1] of any size (resized to the detector's side without
-      keeping the aspect ratio) -> `detection_boxes` [batch, 100, 4] normalized (ymin, xmin, ymax, xmax),
-      `detection_scores`, `detection_classes` (float32 class ids counted from 1, as the API's label maps; 0 pads)
-      and `num_detections`, after per-class non-max suppression of scores above 0.05; and the raw outputs
-      before it, `raw_detection_boxes` [batch, anchors, 4] (decoded, normalized) and `raw_detection_scores`
-      [batch, anchors, classes] (sigmoid);
-    - `serving_bytes`: `image_bytes`, a [batch] string tensor of encoded JPEG/PNG/GIF/BMP images -> the same
-      plus `detection_labels`, the class names (from the `labels.txt` asset).
-
-    Written like `export`: a temporary directory renamed into place; an existing `out` is refused unless
-    `overwrite`.
-    """
-    out = os.path.abspath(os.fspath(out))
-    _check_out(out, overwrite)
-    if len(class_names) != model.num_classes:
-        raise ValueError(f"a detector of {model.num_classes} classes needs as many class names, got {len(class_names)}")
-    size = model.image_size
-
-    def detections(images):
-        outputs = model(images, training=False)
-        # One image at a time: keras-hub's non-max suppression needs a static batch size.
-        found = tf.map_fn(
-            lambda one: tf.nest.map_structure(
-                lambda x: x[0], model.decode(tf.nest.map_structure(lambda x: x[None], one))
-            ),
-            outputs,
-            fn_output_signature={
-                "boxes": tf.TensorSpec([MAX_DETECTIONS, 4], tf.float32),
-                "scores": tf.TensorSpec([MAX_DETECTIONS], tf.float32),
-                "classes": tf.TensorSpec([MAX_DETECTIONS], tf.int32),
-                "num_detections": tf.TensorSpec([], tf.int32),
-            },
-        )
-        raw_boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
-            model.anchors(), outputs["boxes"], "yxyx", "yxyx", encoded_format="center_yxhw"
-        )
-        return {
-            "detection_boxes": found["boxes"],
-            "detection_scores": found["scores"],
-            "detection_classes": tf.cast(found["classes"] + 1, tf.float32),  # -1 (padding) -> 0
-            "num_detections": tf.cast(found["num_detections"], tf.float32),
-            "raw_detection_boxes": raw_boxes / float(size),
-            "raw_detection_scores": tf.sigmoid(outputs["classes"]),
-        }
-
-    def build(tmp):
-        root = tf.train.Checkpoint()
-        root.variables = [v.value for v in model.variables]
-        _add_labels(root, tmp, class_names)
-
-        @tf.function(input_signature=[IMAGES])
-        def serve(images):
-            return detections(tf.image.resize(images, (size, size)))
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-        def serve_bytes(image_bytes):
-            images = tf.map_fn(
-                lambda data: decode_and_resize(data, size),
-                image_bytes,
-                fn_output_signature=tf.TensorSpec([size, size, 3]),
-            )
-            found = detections(images)
-            classes = tf.cast(found["detection_classes"], tf.int64) - 1
-            return found | {"detection_labels": tf.where(classes >= 0, root.labels.lookup(classes), "")}
-
-        return root, {"serving_default": serve, "serving_bytes": serve_bytes}
-
-    _write_saved_model(out, build)
+    write_saved_model(out, build)
     return out
 
 
@@ -264,7 +187,7 @@ def _flag(attrs, key, default=False):
     return attrs[key].b if key in attrs else default
 
 
-def _write_saved_model(out, build):
+def write_saved_model(out, build):
     """`build(tmp)` -> (root, signatures), saved to a temporary directory beside `out`, then renamed to `out`."""
     with files.replacing(out) as tmp, portable_ops():  # the SavedModel may be served on a GPU
         root, signatures = build(tmp)
@@ -300,7 +223,7 @@ def _write_file(out, net, kind, image_size, class_names, format):
         files.write_text(formats.labels_path(out), "".join(f"{name}\n" for name in class_names))
 
 
-def _add_labels(root, tmp, class_names):
+def add_labels(root, tmp, class_names):
     """`class_names` as the `labels.txt` asset of the export and `root.labels`, a table from class id to name."""
     os.makedirs(tmp, exist_ok=True)
     labels_path = os.path.join(tmp, LABELS_ASSET)
@@ -364,7 +287,7 @@ def _serving_bytes(net, labels, image_size, k):
     return serve_bytes
 
 
-def _check_out(out, overwrite, file=False):
+def check_out(out, overwrite, file=False):
     """Refuse an existing `out` unless `overwrite`, and never replace what is not a SavedModel (or empty), or
     with a `file`, a directory."""
     if not os.path.exists(out):
