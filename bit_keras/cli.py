@@ -180,7 +180,11 @@ def _add_pretrain(sub):
         eval_every=(None, "evaluate and checkpoint every N steps (default: an epoch)"),
         resolution=(224, "training crop and evaluation size (default 224)"),
     )
-    p.add_argument("--preset", choices=sorted(defaults.UPSTREAM_PRESETS), default="bit-m", help="epochs and decays")
+    schedules = sorted(defaults.UPSTREAM_PRESETS)
+    p.add_argument(
+        "--schedule", choices=schedules, default="bit-m", help="the paper's epochs and decays (default bit-m)"
+    )
+    p.add_argument("--preset", choices=schedules, default=None, help="the earlier name of --schedule")
     p.add_argument("--epochs", type=int, default=None, help="replace the preset's epochs")
     p.add_argument("--decay_epochs", type=int, nargs="+", default=None, help="replace the preset's decay epochs")
     p.add_argument("--warmup_steps", type=int, default=None, help="default: 5000 steps of batch 4096, rescaled")

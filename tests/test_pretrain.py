@@ -85,8 +85,12 @@ def test_upstream_preprocessing():
 def test_pretrain_needs_data_and_a_known_preset(tmp_path):
     with pytest.raises(ValueError, match="pretrain needs data"):
         pretrain(logdir=str(tmp_path))
-    with pytest.raises(ValueError, match="unknown preset 'bit-z'"):
+    with pytest.raises(ValueError, match="unknown schedule 'bit-z'"):
+        pretrain(data=stripes_data(), logdir=str(tmp_path), schedule="bit-z")
+    with pytest.raises(ValueError, match="unknown schedule 'bit-z'"):  # the earlier name of schedule
         pretrain(data=stripes_data(), logdir=str(tmp_path), preset="bit-z")
+    with pytest.raises(ValueError, match="preset is the earlier name of schedule: give one of them"):
+        pretrain(data=stripes_data(), logdir=str(tmp_path), preset="bit-s", schedule="bit-l")
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         pretrain(data=stripes_data(), logdir=str(tmp_path), mixed_precision="int8")
     assert not list(tmp_path.iterdir())  # refused before any run folder exists

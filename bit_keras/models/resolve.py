@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import zipfile
 
 import keras
@@ -262,6 +263,37 @@ def save_model(model: keras.Model, path: str) -> str:
     with files.replacing(path, ".keras") as tmp:  # Keras wants the suffix
         model.save(tmp)
     return path
+
+
+# What keras-hub's `save_to_preset` writes into a preset directory (a shard index and shards only for models over
+# its 10 GB shard size, which no BiT reaches).
+PRESET_FILES = (
+    PRESET_FILE,
+    "model.weights.h5",
+    "metadata.json",
+    "task.json",
+    "task.weights.h5",
+    "preprocessor.json",
+    "image_converter.json",
+)
+
+
+def save_preset(model: keras.Model, folder: str) -> str:
+    """Write `model` (a keras-hub Task or Backbone) with keras-hub's `save_to_preset` into `folder`, which may hold
+    other files: all of it into a temporary folder beside them first, then each file renamed into place; a full disk
+    is a `files.DiskFullError` naming `folder`."""
+    tmp = files.temporary(os.path.join(folder, "preset"))
+    try:
+        model.save_to_preset(tmp)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    except OSError as err:
+        if err.errno in files.DISK_FULL:
+            raise files.disk_full(err, folder) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_keras(path: str, expected_class: type | tuple[type, ...] | None = None) -> keras.Model:

@@ -35,6 +35,7 @@ from bit_keras.checks import arg, check_int
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.defaults import EXPORT_FORMATS as FORMATS
 from bit_keras.models import download
+from bit_keras.models.bit import BiT
 from bit_keras.models.layers import portable_ops
 from bit_keras.models.resolve import ResolvedModel
 from bit_keras.serving import formats
@@ -48,23 +49,30 @@ DEFAULT_IMAGE_SIZE = 224  # BiT's upstream (pretraining) resolution
 def export(
     model: keras.Model,
     out: str | os.PathLike,
-    kind: str = "feature_vector",
+    kind: str | None = None,
     class_names: list[str] | None = None,
     image_size: int | None = None,
     top_k: int = 5,
     overwrite: bool = False,
     format: str = "saved_model",
 ) -> str:
-    """Write `model` (a `bit_keras.BiT`) at `out`; returns `out`.
+    """Write `model` (a `bit_keras.BiTImageClassifier`; an earlier `BiT` is upgraded) at `out`; returns `out`.
 
-    `format="saved_model"`: a Reusable SavedModel directory (above). `"onnx"` / `"tflite"`: one file (`out` ends
-    in `.onnx` / `.tflite`) taking images of side `image_size` (required there), checked by running it against
-    `model`; a classifier's class names go beside it (`NAME.labels.txt`). `kind="feature_vector"` exports the
-    pooled pre-logits (any head is dropped); `"classification"` needs a head and `class_names` (one per class);
-    its SavedModel adds the `serving_bytes` signature, resizing images to `image_size` (required there) and
-    returning the `top_k` best. Written to a temporary name beside `out` and renamed into place; an existing
-    `out` is refused unless `overwrite`. `export_inputs` finds `class_names` and `image_size` for a resolved model.
+    What the export is and needs comes from the model; the arguments override it. `kind`: "classification" when it
+    has a head, else "feature_vector" (the pooled pre-logits; any head is dropped); a classification needs
+    `class_names` (one per class: the model's own by default). `format="saved_model"`: a Reusable SavedModel
+    directory (above); a classification's adds the `serving_bytes` signature, resizing images to `image_size` (the
+    model's input size by default) and returning the `top_k` best. `"onnx"` / `"tflite"`: one file (`out` ends in
+    `.onnx` / `.tflite`) taking images of side `image_size`, checked by running it against `model`; a classifier's
+    class names go beside it (`NAME.labels.txt`). Written to a temporary name beside `out` and renamed into place;
+    an existing `out` is refused unless `overwrite`. `export_inputs` finds `class_names` and `image_size` for a
+    resolved model whose own are unknown.
     """
+    if isinstance(model, BiT):
+        model = model.to_classifier()
+    kind = kind or ("classification" if model.num_classes else "feature_vector")
+    class_names = model.class_names if class_names is None and kind == "classification" else class_names
+    image_size = model.image_size if image_size is None else image_size
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if format not in FORMATS:

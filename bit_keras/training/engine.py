@@ -248,11 +248,11 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
                 log.info(line)
             for line in plan.warnings:
                 log.warning(line)
-            frozen = sum(1 for layer in model.layers if layer.weights and not layer.trainable)
+            frozen = sum(math.prod(w.shape) for w in model.non_trainable_weights)
             strategy_name = type(strategy).__name__.strip("_")
             log.info(
-                f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen} frozen "
-                f"layers), strategy: {strategy_name} with {replicas} replica(s), batch {rule.batch} "
+                f"model: {plan.config.get('model', model.name)} ({model.count_params():,} parameters, {frozen:,} of "
+                f"them not trained), strategy: {strategy_name} with {replicas} replica(s), batch {rule.batch} "
                 f"= {replicas} x {split} x {rule.batch // replicas // split}; run folder {run.path}"
             )
             if state:
@@ -285,14 +285,14 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
             metrics = json.loads(json.dumps(strict_json(metrics)))  # exactly what metrics.json holds
             if run.chief:
                 recipe.save_artifacts(run, model, data, plan)
-                run.finish(model, data.class_names, metrics)
+                run.finish(model, metrics)
             log.info(result_line(metrics, run.path))
     return RunResult(model, metrics, run.path)
 
 
 def check_class_names(data: sources.Data) -> None:
     """A one-line error naming the first class name that holds a line break or another control character: class
-    names are written one per line (class_names.txt) and shown in logs and tables."""
+    names are shown one per line in logs, tables and label files."""
     for name in data.class_names:
         if found := control_character(name):
             raise ValueError(f"{data.name}: class name {name!r} holds the control character {found}; rename it")

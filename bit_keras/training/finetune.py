@@ -217,7 +217,7 @@ class HyperRuleRecipe(engine.Recipe):
             cache_dir=self.cache_dir,
         ).model
         _freeze(classifier, self.trainable_layers)
-        return classifier
+        return resolve.with_serving(classifier, data.class_names, plan.image_size)  # what the saved model carries
 
     def train_batches(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions, start_step: int):
         rule = plan.rule
@@ -237,10 +237,10 @@ class HyperRuleRecipe(engine.Recipe):
 
 
 def _freeze(model: keras.Model, trainable_from: str | None) -> None:
-    """Freeze every layer before `trainable_from` ("block1".."block4" or "head")."""
+    """Freeze every layer of the backbone before `trainable_from` ("block1".."block4"), or all of it ("head")."""
     if trainable_from is None:
         return
-    for layer in model.layers:
+    for layer in model.backbone.layers:
         if layer.name.startswith(trainable_from):
             break
         if layer.weights:

@@ -1,19 +1,22 @@
 """Upstream pretraining: the paper's recipe (`UpstreamRecipe`, see `bit_keras.training.upstream`) and `pretrain`."""
 
 import dataclasses
+import logging
 import os
 
 import keras
 import tensorflow as tf
 
-from bit_keras.checks import check_finite, check_int
+from bit_keras.checks import arg, check_finite, check_int
 from bit_keras.data import pipeline, sources
 from bit_keras.data.images import MAX_PIXELS
-from bit_keras.models import checkpoint, zoo
+from bit_keras.models import checkpoint, resolve, zoo
 from bit_keras.models.layers import NORMALIZATIONS
 from bit_keras.training import engine, upstream
 from bit_keras.training.run_folder import RunFolder, RunResult
 from bit_keras.training.trainer import loss_for_labels
+
+log = logging.getLogger(__name__)
 
 
 def pretrain(
@@ -30,7 +33,8 @@ def pretrain(
     test_split: str = "test",
     normalization: str = "group",
     weight_standardization: bool = True,
-    preset: str = "bit-m",
+    schedule: str = "bit-m",
+    preset: str | None = None,
     epochs: int | None = None,
     decay_epochs: list[int] | tuple[int, ...] | None = None,
     warmup_steps: int | None = None,
@@ -56,13 +60,19 @@ def pretrain(
     data trains with softmax cross-entropy, multi-label data (multi-hot label vectors) with sigmoid
     cross-entropy. Training images get an inception-style random crop (8-100% of the area) resized to
     `resolution` and a random flip; evaluation a central crop after resizing the shorter side to
-    `resolution / 0.875`. `preset` ("bit-s", "bit-m", "bit-l") sets the epochs and decays; `batch`,
+    `resolution / 0.875`. `schedule` ("bit-s", "bit-m", "bit-l") sets the epochs and decays (`preset`, its earlier
+    name, still works and says so); `batch`,
     `base_lr` (per 256 examples), `epochs`, `decay_epochs`, `warmup_steps` and `weight_decay` override.
     `normalization="batch"` / `weight_standardization=False` give the paper's ablation models.
     Besides the run folder of fine-tuning runs, the weights are written as `checkpoint.npz` in the
     official layout, loadable with `bit_keras.create_model("PATH/checkpoint.npz")`.
     """
     arguments = dict(locals())
+    if preset is not None:  # the earlier name: "preset" is keras-hub's word for a saved model
+        if schedule not in ("bit-m", preset):
+            raise ValueError(f"{arg('preset')} is the earlier name of {arg('schedule')}: give one of them")
+        log.warning(f"{arg('preset')} is now called {arg('schedule')} (the same values); {arg('preset')} still works")
+        arguments["schedule"] = preset
     decay_epochs = None if decay_epochs is None else tuple(decay_epochs)
     recipe = engine.from_arguments(UpstreamRecipe, arguments, decay_epochs=decay_epochs)
     options = engine.from_arguments(engine.RunOptions, arguments)
@@ -76,7 +86,7 @@ class UpstreamRecipe(engine.Recipe):
     task = "pretrain"
 
     model: str = "R50x1"
-    preset: str = "bit-m"
+    schedule: str = "bit-m"
     epochs: int | None = None
     decay_epochs: tuple[int, ...] | None = None
     warmup_steps: int | None = None
@@ -86,8 +96,8 @@ class UpstreamRecipe(engine.Recipe):
 
     def check(self, options: engine.RunOptions) -> None:
         zoo.parse_architecture(self.model)
-        if self.preset not in upstream.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(upstream.PRESETS)}")
+        if self.schedule not in upstream.PRESETS:
+            raise ValueError(f"unknown {arg('schedule')} {self.schedule!r}; choose from {sorted(upstream.PRESETS)}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         check_int("epochs", self.epochs)
@@ -100,7 +110,7 @@ class UpstreamRecipe(engine.Recipe):
         loss = loss_for_labels(data.train.element_spec[1])
         rule = upstream.recipe(
             data.num_train,
-            self.preset,
+            self.schedule,
             options.batch,
             options.base_lr,
             self.epochs,
@@ -126,22 +136,23 @@ class UpstreamRecipe(engine.Recipe):
         description = (
             f"data: {data.name}, {data.num_classes} classes, {data.num_train:,} training examples, "
             f"{loss} cross-entropy",
-            f"upstream {self.preset}: {rule.epochs} epochs of {rule.steps_per_epoch} steps ({rule.steps} steps) of "
+            f"upstream {self.schedule}: {rule.epochs} epochs of {rule.steps_per_epoch} steps ({rule.steps} steps) of "
             f"batch {rule.batch}, lr {rule.lr:g} (= {options.base_lr:g} x {rule.batch}/256) after {rule.warmup_steps} "
             f"warmup steps, /10 at epochs {decays}; weight decay {rule.weight_decay:g} (L2 on kernels); "
             f"SGD momentum {rule.momentum:g}",
         )
-        name = f"{data.name}-{self.model}-{self.preset}"
+        name = f"{data.name}-{self.model}-{self.schedule}"
         return engine.Plan(name, config, rule, options.resolution, loss, description)
 
     def build_model(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions) -> keras.Model:
-        return zoo.create_model(
+        model = zoo.create_model(
             self.model,
             num_classes=data.num_classes,
             normalization=self.normalization,
             weight_standardization=self.weight_standardization,
             dtype=options.policy,
         )
+        return resolve.with_serving(model, data.class_names, plan.image_size)  # what the saved model carries
 
     def train_batches(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions, start_step: int):
         size = options.resolution

@@ -5,9 +5,9 @@
       train.log           the run's log (a resumed run appends to it)
       checkpoint/         latest training state: step-S.npz (model + optimizer variables) and state.json
       tensorboard/        TensorBoard logs
-      model.keras         the final model          \
-      class_names.txt     one class name per line   } written at the end;
-      curves.png          learning curves          /
+      model.keras         the final model, with its class names and input size   \
+      config.json, ...    the same model as a keras-hub preset (from_preset)     } written at the end;
+      curves.png          learning curves                                        /
       checkpoint.npz      pretraining runs: the weights in the official layout (at the end)
       metrics.json        written last: its presence means the run finished (the checkpoint is then deleted)
       .lock               held (flock) by the process running in the folder: one run per folder
@@ -41,7 +41,7 @@ import numpy as np
 
 from bit_keras import files
 from bit_keras.checks import arg
-from bit_keras.models.resolve import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, save_model
+from bit_keras.models.resolve import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, PRESET_FILES, save_model, save_preset
 
 CONFIG, STATE, LOG, LOCK = "run.json", "state.json", "train.log", ".lock"
 WEIGHTS_NAME = re.compile(r"step-\d+\.npz")  # the training state's file in checkpoint/
@@ -52,7 +52,8 @@ ENTRIES = (
     "checkpoint",
     "tensorboard",
     MODEL_FILE,
-    CLASS_NAMES_FILE,
+    CLASS_NAMES_FILE,  # written by earlier versions
+    *PRESET_FILES,
     "curves.png",
     "checkpoint.npz",
     METRICS_FILE,
@@ -79,7 +80,6 @@ class RunFolder:
         self.checkpoint_dir = os.path.join(self.path, "checkpoint")
         self.tensorboard_dir = os.path.join(self.path, "tensorboard")
         self.model_path = os.path.join(self.path, MODEL_FILE)
-        self.classes_path = os.path.join(self.path, CLASS_NAMES_FILE)
         self.plot_path = os.path.join(self.path, "curves.png")
         self.metrics_path = os.path.join(self.path, METRICS_FILE)
         self.log_path = os.path.join(self.path, LOG)
@@ -264,10 +264,12 @@ class RunFolder:
             variable.assign(value)
         return state
 
-    def finish(self, model, class_names, metrics):
-        """Write the final model, class names, curves and, last, `metrics.json`."""
+    def finish(self, model, metrics):
+        """Write the final model (a `.keras` file, and its keras-hub preset when it is a keras-hub model: the run
+        folder is then a preset directory), the curves and, last, `metrics.json`."""
         save_model(model, self.model_path)
-        files.write_text(self.classes_path, "".join(f"{name}\n" for name in class_names))
+        if hasattr(model, "save_to_preset"):
+            save_preset(model, self.path)
         plot_curves(metrics, self.plot_path)
         self._write_json(self.metrics_path, metrics)
         shutil.rmtree(self.checkpoint_dir)  # the training state is no longer needed: model.keras has the weights
