@@ -1,7 +1,7 @@
 """bit_keras: Big Transfer (BiT) for Keras 3.
 
-The package is grouped by role: `models` (layers, the BiT model, the zoo, official checkpoints, the model
-resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and its recipes: fine-tuning
+The package is grouped by role: `models` (layers, the keras-hub backbone and classifier, the presets and zoo,
+official checkpoints, the model resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and its recipes: fine-tuning
 and upstream pretraining), `detection` (RetinaNet on BiT: model, data, objective, its recipe on the engine,
 evaluation, pictures), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`. The verbs
 and the model API are re-exported here. Importing this registers every model class with Keras' loader:
@@ -23,7 +23,11 @@ _MODULES = {  # public name -> the module that defines it
     "finetune_detector": "bit_keras.detection.finetune",
     "RetinaNet": "bit_keras.detection.retinanet",
     "create_detector": "bit_keras.detection.retinanet",
+    "BiTBackbone": "bit_keras.models.backbone",
     "BiT": "bit_keras.models.bit",
+    "BiTImageClassifier": "bit_keras.models.classifier",
+    "BiTImageClassifierPreprocessor": "bit_keras.models.classifier",
+    "BiTImageConverter": "bit_keras.models.classifier",
     "CheckpointError": "bit_keras.models.checkpoint",
     "load_checkpoint": "bit_keras.models.checkpoint",
     "save_checkpoint": "bit_keras.models.checkpoint",
