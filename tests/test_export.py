@@ -243,13 +243,13 @@ def test_exports_are_portable(small_npz, tmp_path, monkeypatch):
     from tests.detection_helpers import SMALL
 
     model = bit_keras.create_model(small_npz)
-    detector = create_detector(small_npz, 2, image_size=128, **SMALL)
+    detector = create_detector(small_npz, 2, image_size=128, class_names=["a", "b"], **SMALL)
     spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
     traced = tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
     assert b"FusedBatchNormV3" in traced and b"_XlaMustCompile" in traced
     export(model, tmp_path / "fv")
     export(model, tmp_path / "cls", "classification", CLASS_NAMES, image_size=32)
-    export_detector(detector, tmp_path / "det", ["a", "b"])
+    export_detector(detector, tmp_path / "det")
     model.export(str(tmp_path / "keras_export"), verbose=False)
     for kind in ("fv", "cls", "det", "keras_export"):
         graph = (tmp_path / kind / "saved_model.pb").read_bytes()
@@ -258,7 +258,7 @@ def test_exports_are_portable(small_npz, tmp_path, monkeypatch):
 
     x = np.random.default_rng(8).uniform(size=(2, 128, 128, 3)).astype(np.float32)
     features = model.feature_extractor(["pre_logits"])(x)["pre_logits"].numpy()
-    raw = tf.sigmoid(detector(x)["classes"]).numpy()
+    raw = tf.sigmoid(detector(x)["cls_logits"]).numpy()
     loaded = {kind: tf.saved_model.load(str(tmp_path / kind)) for kind in ("fv", "cls", "det", "keras_export")}
     for got, expected in (
         (loaded["fv"](x), features),

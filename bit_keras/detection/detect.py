@@ -10,8 +10,7 @@ from bit_keras.data import images as images_lib
 from bit_keras.data.images import read_image
 from bit_keras.data.pipeline import decode_and_resize
 from bit_keras.detection import drawing
-from bit_keras.detection.retinanet import RetinaNet
-from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, load_keras, read_labels
+from bit_keras.detection.retinanet import load_detector
 
 
 def detect(
@@ -26,8 +25,8 @@ def detect(
     first; `box` is (ymin, xmin, ymax, xmax) normalized to the image.
 
     `model` is a detection export directory (its `serving_bytes` signature decodes, resizes, detects and names),
-    a finished `bit-keras finetune-detector` run folder or its `model.keras` (class names from `class_names.txt`
-    beside it), preprocessed the same way. Detections scoring at least `score_threshold` are kept. With `out`,
+    a finished `bit-keras finetune-detector` run folder or its `model.keras` (the detector carries its class names
+    and input size), preprocessed the same way. Detections scoring at least `score_threshold` are kept. With `out`,
     each image is written there with its boxes and labels drawn, as `out/NAME.png` ("picture" in the result). A
     picture never replaces an input image, nor an existing file unless `overwrite` (the result's "replaced" then
     says so). Unreadable image files, those over `max_pixels` pixels and clashing pictures are a ValueError naming
@@ -107,21 +106,21 @@ def _detector(model: str):
 
         return run_export
 
-    path = os.path.join(model, MODEL_FILE) if os.path.isdir(model) else model
-    if not path.endswith(".keras") or not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist ({arg('model')}: a detection run folder, .keras file or export)"
-        )
-    detector = load_keras(path, RetinaNet)
-    names_path = os.path.join(os.path.dirname(os.path.abspath(path)), CLASS_NAMES_FILE)
-    names = read_labels(names_path) if os.path.exists(names_path) else [str(i) for i in range(detector.num_classes)]
-    size = detector.image_size
+    detector = load_detector(model)
+    size, names = detector.image_size, detector.labels
 
     def run_model(encoded):
         images = tf.stack([decode_and_resize(data, size) for data in encoded])
-        out = {k: keras.ops.convert_to_numpy(v) for k, v in detector.decode(detector(images, training=False)).items()}
-        labels = [[names[c] if c >= 0 else "" for c in row] for row in out["classes"]]
-        return {**out, "labels": labels, "count": out["num_detections"]}
+        found = detector.decode_predictions(detector(images, training=False), images)
+        out = {k: keras.ops.convert_to_numpy(v) for k, v in found.items()}
+        labels = [[names[c] if c >= 0 else "" for c in row] for row in out["labels"]]
+        return {
+            "boxes": out["boxes"],
+            "scores": out["confidence"],
+            "classes": out["labels"],
+            "labels": labels,
+            "count": out["num_detections"],
+        }
 
     return run_model
 

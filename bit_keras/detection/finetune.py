@@ -16,7 +16,7 @@ from bit_keras.defaults import DETECTION_EMBEDDED as EMBEDDED  # with no data gi
 from bit_keras.detection import data as data_lib
 from bit_keras.detection import evaluation, pipeline, retinanet
 from bit_keras.detection.objective import FocalLoss
-from bit_keras.detection.retinanet import create_detector, label_encoder
+from bit_keras.detection.retinanet import create_detector, paper_label_encoder
 from bit_keras.models import resolve
 from bit_keras.training import engine
 from bit_keras.training.hyperrule import HyperRuleSchedule
@@ -250,22 +250,23 @@ class DetectionRecipe(engine.Recipe):
             head_channels=self.head_channels,
             head_depth=self.head_depth,
             head_norm=self.head_norm,
+            class_names=data.class_names,  # what the saved model carries
             dtype=options.policy,
             pretrained_dir=self.bit_pretrained_dir,
             cache_dir=self.cache_dir,
         )
         if self.freeze_backbone:
-            detector.backbone.trainable = False
+            detector.backbone.image_encoder.trainable = False  # the BiT, not the pyramid
         return detector
 
     def train_batches(self, data, plan: engine.Plan, options: engine.RunOptions, start_step: int):
-        encoder = label_encoder()
+        encoder = paper_label_encoder()
         return pipeline.train_batches(
             data.train, encoder, plan.image_size, plan.rule.batch, seed=options.seed, start_step=start_step
         )
 
     def test_batches(self, data, plan: engine.Plan, options: engine.RunOptions):
-        return pipeline.eval_batches(data.test, label_encoder(), plan.image_size, plan.rule.batch)
+        return pipeline.eval_batches(data.test, paper_label_encoder(), plan.image_size, plan.rule.batch)
 
     def evaluate(self, model, data, plan: engine.Plan) -> dict:
         truth, found = predict_dataset(model, data.test, plan.rule.batch)
@@ -305,9 +306,8 @@ def predict_dataset(model, dataset, batch_size, keep_images=False):
                 entry["image"] = batch["image"][i].numpy()
             truth.append(entry)
             n = int(detections["num_detections"][i])
-            found.append(
-                {"image_id": int(image_id), **{k: detections[k][i, :n] for k in ("boxes", "scores", "classes")}}
-            )
+            boxes, scores, classes = (detections[k][i, :n] for k in ("boxes", "confidence", "labels"))
+            found.append({"image_id": int(image_id), "boxes": boxes, "scores": scores, "classes": classes})
     return truth, found
 
 
@@ -317,6 +317,6 @@ def _detector_function(model):
 
     @tf.function
     def detect(images):
-        return model.decode(model(images, training=False))  # at COCO's evaluation settings
+        return model.decode_predictions(model(images, training=False), images)
 
     return detect

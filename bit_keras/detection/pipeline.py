@@ -20,7 +20,7 @@ MIN_SIDE = 2.0  # boxes narrower or lower than this (pixels) after clipping are 
 
 def train_batches(dataset, encoder, size, batch_size, seed=0, start_step=0, scale_jitter=SCALE_JITTER):
     """`(images float32 [batch_size, size, size, 3] in [0, 1], targets)` batches for training, from `start_step` on
-    (see `bit_keras.data.pipeline.train_batches` for the stream); `encoder` is the detector's `label_encoder()`."""
+    (see `bit_keras.data.pipeline.train_batches` for the stream); `encoder` is `retinanet.paper_label_encoder()`."""
     low, high = scale_jitter
 
     def augment(example, position):
