@@ -107,8 +107,9 @@ def fresh_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_examples_run(page, fresh_folder):
-    check_blocks(page)
-    run_page(page)
+    blocks = check_blocks(page)
+    ran, skipped = run_page(page)
+    assert ran + len(skipped) == blocks, f"{page}: {blocks} blocks, {ran} ran, {len(skipped)} skipped"
 
 
 def test_every_page_is_tested():
