@@ -1,10 +1,10 @@
 """bit_keras: Big Transfer (BiT) for Keras 3.
 
 The package is grouped by role: `models` (layers, the keras-hub backbone and classifier, the presets and zoo,
-official checkpoints, the model resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and its recipes: fine-tuning
-and upstream pretraining), `detection` (RetinaNet on BiT: model, data, objective, its recipe on the engine,
-evaluation, pictures), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`. The verbs
-and the model API are re-exported here. Importing this registers every model class with Keras' loader:
+official checkpoints, the model resolver), `data` (sources and the tf.data pipeline), `training` (the run engine
+and its recipes: fine-tuning and upstream pretraining), `detection` (RetinaNet on BiT: model, data, objective, its
+recipe on the engine, evaluation, pictures), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`.
+The verbs and the model API are re-exported here. Importing this registers every model class with Keras' loader:
 `import bit_keras` before `keras.saving.load_model` of a bit_keras `.keras` file.
 
 The model core (`models`) runs on every Keras backend (TensorFlow, JAX, PyTorch); the rest needs TensorFlow. On

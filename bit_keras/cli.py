@@ -10,10 +10,15 @@ import json
 import os
 import sys
 
-from bit_keras import checks, defaults, startup
+from bit_keras import checks, defaults, options, startup
 
 # Parsed arguments that are not keyword arguments of the recipe.
 TRAINING_FLAGS = ("command", "func", "recipe", "quiet", "verbose")
+VERBS = {  # the module of each training verb
+    "finetune": "bit_keras.training.finetune",
+    "pretrain": "bit_keras.training.pretrain",
+    "finetune_detector": "bit_keras.detection.finetune",
+}
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 OFFLINE_WEIGHTS = "pass --weights PATH.npz (a local copy of the checkpoint)"  # convert and export, without a network
 
@@ -70,12 +75,14 @@ def _train(args):
     """`finetune`, `pretrain` or `finetune-detector`: the parsed flags are the keyword arguments of the function
     `bit_keras.<args.recipe>`. The result line is printed also when --quiet; a finished run of the same configuration
     is reported, not trained again."""
-    import bit_keras
+    import importlib
+
     from bit_keras.training import engine
 
-    options = {k: v for k, v in vars(args).items() if k not in TRAINING_FLAGS}
+    arguments = {k: v for k, v in vars(args).items() if k not in TRAINING_FLAGS}
+    verb = getattr(importlib.import_module(VERBS[args.recipe]), args.recipe)
     try:
-        result = getattr(bit_keras, args.recipe)(**options, verbose=0 if args.quiet else 1)
+        result = verb(**arguments, verbose=0 if args.quiet else 1)
     except engine.FinishedRun as finished:
         print(f"{engine.result_line(finished.metrics, finished.run_dir)} (finished before; --overwrite trains again)")
         return
@@ -83,44 +90,12 @@ def _train(args):
         print(engine.result_line(result.metrics, result.run_dir))
 
 
-def _add_run_flags(p, *, dataset, batch, base_lr, eval_every, resolution, classification=True):
-    """The flags of every training subcommand (`bit_keras.training.engine.RunOptions`); the arguments are the
-    `(default, help)` of those whose default depends on the recipe (`dataset`: its help only). Detection
-    (`classification=False`) reads no image folders and no manual tfds downloads."""
-    p.add_argument(
-        "--name", default=None, help="run name: the run folder is LOGDIR/NAME (default: from data and model)"
-    )
-    p.add_argument("--logdir", default="runs", help="where run folders go (default: runs)")
-    p.add_argument("--dataset", default=None, help=dataset)
-    if classification:
-        p.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
-        p.add_argument(
-            "--test_fraction",
-            type=float,
-            default=0.2,
-            help="of an image folder without train/ and test/ subfolders: the share of each class held out for "
-            "testing (default 0.2)",
-        )
-    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
-    if classification:
-        p.add_argument("--manual_dir", default=None, help="tensorflow-datasets manual download directory")
-    p.add_argument("--train_split", default="train", help="tfds training split (default: train)")
-    p.add_argument("--test_split", default="test", help="tfds test (held-out) split (default: test)")
-    p.add_argument("--batch", type=int, default=batch[0], help=f"global batch ({batch[1]})")
-    p.add_argument("--batch_split", type=int, default=1, help="micro-batches per replica batch (same update)")
-    p.add_argument("--base_lr", type=float, default=base_lr[0], help=base_lr[1])
-    p.add_argument("--eval_every", type=int, default=eval_every[0], help=eval_every[1])
-    p.add_argument("--resolution", type=int, default=resolution[0], help=resolution[1])
-    p.add_argument(
-        "--strategy", choices=defaults.STRATEGIES, default="auto", help="tf.distribute strategy (default: auto)"
-    )
-    p.add_argument("--tpu", default=None, help="TPU name or grpc:// address ('local' on a TPU VM)")
-    p.add_argument("--mixed_precision", choices=("none", "bfloat16", "float16"), default=None, help="compute dtype")
-    p.add_argument("--xla", action="store_true", help="compile the train step with XLA (not with Mirrored on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order, augmentation and MixUp")
-    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting the run folder's run files")
+def _add_training(sub, verb, help, description):
+    """A training subcommand: the flags of the verb's declared options (`bit_keras.options`) and --quiet."""
+    p = sub.add_parser(verb.replace("_", "-"), help=help, description=description)
+    options.add_flags(p, verb)
     p.add_argument("--quiet", action="store_true", help="only warnings and errors (the run's train.log has everything)")
-    _add_max_pixels(p)
+    p.set_defaults(func=_train, recipe=verb)
 
 
 def _add_max_pixels(p):
@@ -132,117 +107,32 @@ def _add_max_pixels(p):
     )
 
 
-def _add_finetune(sub):
+def _add_recipes(sub):
     embedded = ", ".join(f"{k} {v}" for k, v in defaults.FINETUNE_EMBEDDED.items())
-    p = sub.add_parser(
+    _add_training(
+        sub,
         "finetune",
-        help="fine-tune a BiT model with the BiT-HyperRule",
-        description="Fine-tune a BiT model on a tfds dataset or an image folder with the BiT-HyperRule. "
-        f"Without --dataset or --image_folder: scikit-learn's bundled digits, offline, with {embedded} "
-        "(each overridable).",
+        "fine-tune a BiT model with the BiT-HyperRule",
+        "Fine-tune a BiT model on a tfds dataset or an image folder with the BiT-HyperRule. Without --dataset or "
+        f"--image_folder: scikit-learn's bundled digits, offline, with {embedded} (each overridable).",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint name (default BiT-M-R50x1), official .npz path/URL, architecture (from scratch), "
-        ".keras file or run folder",
+    _add_training(
+        sub,
+        "pretrain",
+        "pretrain a BiT architecture from scratch with the paper's upstream recipe",
+        "Pretrain a BiT architecture from scratch with the paper's upstream recipe (BiT-S, BiT-M or BiT-L "
+        "schedule), on a tfds dataset or an image folder.",
     )
-    _add_run_flags(
-        p,
-        dataset="tensorflow-datasets name (e.g. cifar10) or a bundled one (digits, mnist5k)",
-        batch=(None, "HyperRule: 512"),
-        base_lr=(None, "learning rate at batch 512 (HyperRule: 0.003)"),
-        eval_every=(None, "evaluate and checkpoint every N steps (default: a tenth of the run)"),
-        resolution=(None, "crop size, replacing the HyperRule's"),
-    )
-    p.add_argument("--examples_per_class", type=int, default=None, help="few-shot: K training examples per class")
-    p.add_argument("--examples_per_class_seed", type=int, default=0, help="seed of the few-shot draw")
-    p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
-    p.add_argument("--dataset_size", type=int, default=None, help="training-set size for the HyperRule")
-    p.add_argument("--steps", type=int, default=None, help="total steps (the schedule scaled to fit)")
-    p.add_argument("--mixup_alpha", type=float, default=None, help="MixUp alpha, replacing the HyperRule's")
-    p.add_argument("--freeze_backbone", action="store_true", help="train only the head (a linear probe)")
-    p.add_argument(
-        "--trainable_from", choices=defaults.TRAINABLE_FROM, default=None, help="freeze everything before this"
-    )
-    p.add_argument("--cache_dir", default=None, help="download cache directory")
-    p.set_defaults(func=_train, recipe="finetune")
-
-
-def _add_pretrain(sub):
-    p = sub.add_parser("pretrain", help="pretrain a BiT architecture from scratch with the paper's upstream recipe")
-    p.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1 or R26x0.5 (default R50x1)")
-    _add_run_flags(
-        p,
-        dataset="tensorflow-datasets name (e.g. imagenet2012) or a bundled one (digits, mnist5k)",
-        batch=(defaults.UPSTREAM_BATCH, f"default {defaults.UPSTREAM_BATCH}"),
-        base_lr=(defaults.UPSTREAM_BASE_LR, f"lr per 256 examples (default {defaults.UPSTREAM_BASE_LR})"),
-        eval_every=(None, "evaluate and checkpoint every N steps (default: an epoch)"),
-        resolution=(224, "training crop and evaluation size (default 224)"),
-    )
-    schedules = sorted(defaults.UPSTREAM_PRESETS)
-    p.add_argument(
-        "--schedule", choices=schedules, default="bit-m", help="the paper's epochs and decays (default bit-m)"
-    )
-    p.add_argument("--preset", choices=schedules, default=None, help="the earlier name of --schedule")
-    p.add_argument("--epochs", type=int, default=None, help="replace the preset's epochs")
-    p.add_argument("--decay_epochs", type=int, nargs="+", default=None, help="replace the preset's decay epochs")
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 5000 steps of batch 4096, rescaled")
-    p.add_argument(
-        "--weight_decay", type=float, default=defaults.UPSTREAM_WEIGHT_DECAY, help="L2 on kernels (default 1e-4)"
-    )
-    p.add_argument("--normalization", choices=defaults.NORMALIZATIONS, default="group", help="group (BiT) or batch")
-    p.add_argument(
-        "--no_weight_standardization",
-        dest="weight_standardization",
-        action="store_false",
-        help="plain convolutions (the paper's ablation)",
-    )
-    p.set_defaults(func=_train, recipe="pretrain")
-
-
-def _add_finetune_detector(sub):
-    paper = defaults.DETECTION_DEFAULTS
     embedded = ", ".join(f"{k} {v}" for k, v in defaults.DETECTION_EMBEDDED.items())
-    p = sub.add_parser(
-        "finetune-detector",
-        help="fine-tune a RetinaNet on a BiT backbone (the paper's detection transfer)",
-        description="Fine-tune a RetinaNet (feature pyramid, focal loss) on a BiT backbone with the paper's COCO "
-        "recipe: 30 epochs, lr 0.08 at batch 256 (scaled to --batch) divided by 10 at epochs 16 and 22, momentum "
-        "0.9, weight decay 1e-4, flips and scale jitter; scored with COCO AP (pycocotools). Without --dataset or "
-        f"--coco_folder: the offline digit canvases with {embedded} (each overridable).",
+    _add_training(
+        sub,
+        "finetune_detector",
+        "fine-tune a RetinaNet on a BiT backbone (the paper's detection transfer)",
+        "Fine-tune a RetinaNet (feature pyramid, focal loss) on a BiT backbone with the paper's COCO recipe: 30 "
+        "epochs, lr 0.08 at batch 256 (scaled to --batch) divided by 10 at epochs 16 and 22, momentum 0.9, weight "
+        "decay 1e-4, flips and scale jitter; scored with COCO AP (pycocotools). Without --dataset or --coco_folder: "
+        f"the offline digit canvases with {embedded} (each overridable).",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"the backbone: checkpoint name (default {paper['model']}), "
-        "official .npz path/URL, architecture (from scratch) or .keras BiT",
-    )
-    _add_run_flags(
-        p,
-        dataset="coco/2017, voc/2007 or voc/2012 (tensorflow-datasets) or digit-canvases",
-        batch=(None, f"paper: {paper['batch']}"),
-        base_lr=(None, f"learning rate at batch 256 (paper: {paper['base_lr']})"),
-        eval_every=(None, "evaluate (test loss, COCO AP) and checkpoint every N steps (default: a tenth of the run)"),
-        resolution=(None, f"square input side, a multiple of 128 (paper: {paper['resolution']})"),
-        classification=False,
-    )
-    p.add_argument("--coco_folder", default=None, help="a COCO-format folder: images and annotations/instances*.json")
-    p.add_argument("--epochs", type=float, default=None, help=f"epochs (paper: {paper['epochs']})")
-    p.add_argument("--steps", type=int, default=None, help="total steps, replacing what the epochs give")
-    p.add_argument("--fpn_channels", type=int, default=None, help=f"pyramid width (paper: {paper['fpn_channels']})")
-    p.add_argument("--head_channels", type=int, default=None, help=f"subnet width (paper: {paper['head_channels']})")
-    p.add_argument("--head_depth", type=int, default=None, help=f"subnet convolutions (paper: {paper['head_depth']})")
-    p.add_argument(
-        "--head_norm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="group normalization in the subnets, for small batches (paper: no)",
-    )
-    p.add_argument("--freeze_backbone", action="store_true", help="train only the pyramid and the subnets")
-    p.add_argument("--bit_pretrained_dir", default=None, help="folder of official NAME.npz checkpoints (else download)")
-    p.add_argument("--cache_dir", default=None, help="download cache directory")
-    p.set_defaults(func=_train, recipe="finetune_detector")
 
 
 def _detect(args):
@@ -296,29 +186,30 @@ def _export(args):
 
 
 def _is_detection_run(folder):
-    """Whether `folder` is a `finetune-detector` run (its run.json describes a detector)."""
-    path = os.path.join(folder, "run.json")
-    if not os.path.exists(path):
+    """Whether `folder` is a finished `finetune-detector` run: its preset's task is a detector (the model says what it
+    is; nothing beside it is read)."""
+    from bit_keras.files import read_regular
+    from bit_keras.training.run_folder import MAX_RUN_FILE_BYTES
+
+    path = os.path.join(folder, "task.json")
+    if not os.path.lexists(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        return "detector" in json.load(f)
+    task = json.loads(read_regular(path, "run files", MAX_RUN_FILE_BYTES).decode("utf-8"))
+    return isinstance(task, dict) and task.get("registered_name") == "bit_keras>RetinaNet"
 
 
 def _export_detector(args):
     from bit_keras.detection.export import export_detector
-    from bit_keras.detection.retinanet import RetinaNet
-    from bit_keras.models.resolve import CLASS_NAMES_FILE, MODEL_FILE, load_keras, read_labels
+    from bit_keras.detection.retinanet import load_detector
 
     given = [flag for flag in ("weights", "labels", "image_size", "kind") if getattr(args, flag) is not None]
     if given:
-        raise ValueError(f"{args.run} is a detection run: it has its own weights, labels and size (drop --{given[0]})")
-    model_path = os.path.join(args.run, MODEL_FILE)
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"{model_path} does not exist (is the run in {args.run} finished?)")
+        raise ValueError(
+            f"{args.run} is a detection run: it carries its own weights, labels and size (drop --{given[0]})"
+        )
     name = os.path.basename(os.path.abspath(args.run))
     out = args.out or os.path.join("exports", name, "detection")
-    model = load_keras(model_path, RetinaNet)
-    out = export_detector(model, out, read_labels(os.path.join(args.run, CLASS_NAMES_FILE)), overwrite=args.overwrite)
+    out = export_detector(load_detector(args.run, "run"), out, overwrite=args.overwrite)
     print(f"wrote {out}: detection export of {name}")
 
 
@@ -372,9 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     convert.set_defaults(func=_convert)
 
-    _add_finetune(sub)
-    _add_pretrain(sub)
-    _add_finetune_detector(sub)
+    _add_recipes(sub)
 
     export = sub.add_parser("export", help="write a TF-Hub-style SavedModel (feature vector or classifier)")
     export.add_argument("--model", default=None, help="checkpoint name, architecture, .npz, or .keras file")

@@ -5,6 +5,8 @@ modules re-export them under their old names (`bit_keras.training.finetune.EMBED
 MAX_PIXELS = 100_000_000  # the default limit on an image's pixels: a 1 MB PNG can decode to gigabytes
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")  # bit_keras.training.strategy.make_strategy
 NORMALIZATIONS = ("group", "batch")  # BiT's GroupNorm, or the paper's BatchNorm ablation
+TEST_FRACTION = 0.2  # of an image folder without train/ and test/ subfolders: held out per class for testing
+SPLITS = ("train", "test")  # the tfds splits a classification run trains and tests on, unless named
 
 # Fine-tuning (bit_keras.training.finetune). With no data given, `finetune` runs offline on scikit-learn's bundled
 # digits with these settings: the small BiT shipped in the package (pretrained on MNIST by `bit-keras pretrain`) at
@@ -22,6 +24,13 @@ UPSTREAM_PRESETS = {
     "bit-s": (90, (30, 60, 80)),
     "bit-m": (90, (30, 60, 80)),
     "bit-l": (40, (10, 23, 30, 37)),
+}
+PRETRAIN_DEFAULTS = {
+    "model": "R50x1",
+    "batch": UPSTREAM_BATCH,
+    "base_lr": UPSTREAM_BASE_LR,
+    "resolution": 224,
+    "schedule": "bit-m",
 }
 
 # Detection (bit_keras.detection.finetune): the paper's COCO recipe (the standard RetinaNet one), 30 epochs of

@@ -32,6 +32,7 @@ _TFDS = {
     "voc/2007": ("train", "test", "is_difficult"),
     "voc/2012": ("train", "validation", "is_difficult"),  # VOC 2012's test split has no boxes
 }
+TFDS_NAMES = tuple(_TFDS)  # the tfds detection datasets read
 
 
 @dataclasses.dataclass
@@ -195,6 +196,12 @@ def from_coco_folder(folder, seed=0, max_pixels=images_lib.MAX_PIXELS):
     )
 
 
+def tfds_splits(name, train_split=None, test_split=None) -> tuple[str, str]:
+    """The training and test splits of the tfds detection dataset `name`: the given ones, else its defaults."""
+    defaults = _TFDS[name][:2]
+    return tuple(default if split is None else split for split, default in zip((train_split, test_split), defaults))
+
+
 def from_tfds(name, train_split=None, test_split=None, data_dir=None):
     """tfds `coco/2017` (splits train/validation), `voc/2007` (train/test) or `voc/2012` (train/validation).
 
@@ -206,8 +213,8 @@ def from_tfds(name, train_split=None, test_split=None, data_dir=None):
 
     if name not in _TFDS:
         raise ValueError(f"unsupported detection dataset {name!r}; tfds ones: {', '.join(_TFDS)}")
-    default_train, default_test, dropped = _TFDS[name]
-    train_split, test_split = train_split or default_train, test_split or default_test
+    train_split, test_split = tfds_splits(name, train_split, test_split)
+    dropped = _TFDS[name][2]
     builder = tfds.builder(name, data_dir=data_dir)
     sources.prepare_tfds(builder, name, local=f"or use {arg('coco_folder')}")
     info = builder.info

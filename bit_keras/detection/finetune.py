@@ -9,8 +9,8 @@ import os
 import keras
 import tensorflow as tf
 
-from bit_keras.checks import check_finite, check_int
-from bit_keras.data.images import MAX_PIXELS
+from bit_keras import options as options_lib
+from bit_keras.checks import arg
 from bit_keras.defaults import DETECTION_DEFAULTS as DEFAULTS  # the paper's recipe
 from bit_keras.defaults import DETECTION_EMBEDDED as EMBEDDED  # with no data given: the digit canvases, minutes
 from bit_keras.detection import data as data_lib
@@ -86,40 +86,8 @@ def detection_rule(num_train: int, batch: int, base_lr: float, epochs: float, st
     return DetectionRule(num_train, batch, base_lr, epochs, steps)
 
 
-def finetune_detector(
-    dataset: str | None = None,
-    *,
-    coco_folder: str | None = None,
-    data: data_lib.DetectionData | None = None,
-    model: str | None = None,
-    name: str | None = None,
-    logdir: str = "runs",
-    data_dir: str | None = None,
-    train_split: str = "train",
-    test_split: str = "test",
-    batch: int | None = None,
-    batch_split: int = 1,
-    base_lr: float | None = None,
-    epochs: float | None = None,
-    steps: int | None = None,
-    eval_every: int | None = None,
-    resolution: int | None = None,
-    fpn_channels: int | None = None,
-    head_channels: int | None = None,
-    head_depth: int | None = None,
-    head_norm: bool | None = None,
-    bit_pretrained_dir: str | None = None,
-    cache_dir: str | None = None,
-    strategy: str | tf.distribute.Strategy = "auto",
-    tpu: str | None = None,
-    mixed_precision: str | None = None,
-    xla: bool = False,
-    freeze_backbone: bool = False,
-    seed: int = 0,
-    max_pixels: int = MAX_PIXELS,
-    overwrite: bool = False,
-    verbose: int = 1,
-) -> RunResult:
+@options_lib.verb("finetune_detector")
+def finetune_detector(arguments) -> RunResult:
     """Fine-tune a RetinaNet on a BiT backbone; returns a `bit_keras.training.run_folder.RunResult`.
 
     Data (one of): `dataset`, "coco/2017", "voc/2007" or "voc/2012" from tensorflow-datasets (splits default to
@@ -138,8 +106,7 @@ def finetune_detector(
     The run folder, strategies, `batch_split`, mixed precision and exact resume are the engine's (see
     `bit_keras.training.finetune.finetune`); the folder also gets `detections.png`.
     """
-    arguments = dict(locals())
-    embedded = data is None and dataset is None and coco_folder is None
+    embedded = all(arguments[k] is None for k in ("data", "dataset", "coco_folder"))
     defaults = EMBEDDED if embedded else DEFAULTS
     given = {k: arguments[k] if arguments[k] is not None else v for k, v in defaults.items()}
     recipe_values = {
@@ -152,36 +119,20 @@ def finetune_detector(
     return engine.train(recipe, options)
 
 
-@dataclasses.dataclass(frozen=True)
+@options_lib.dataclass("MODEL", "PRETRAINED", "DETECTION")
 class DetectionRecipe(engine.Recipe):
     """RetinaNet fine-tuning with the paper's recipe (see `finetune_detector`)."""
 
     task = "finetune-detector"
 
-    model: str
-    epochs: float
-    fpn_channels: int
-    head_channels: int
-    head_depth: int
-    head_norm: bool
-    coco_folder: str | None = None
-    steps: int | None = None
-    bit_pretrained_dir: str | None = None
-    cache_dir: str | None = None
-    freeze_backbone: bool = False
-
     def check_source(self, options: engine.RunOptions) -> None:
         data_lib.check_source(options.dataset, self.coco_folder)
 
     def check(self, options: engine.RunOptions) -> None:
-        if options.image_folder is not None:
-            raise ValueError("image_folder is for classification; detection reads a COCO folder (coco_folder)")
-        if options.manual_dir is not None:
-            raise ValueError("manual_dir is for classification datasets; the detection datasets download themselves")
         if options.dataset is not None and self.coco_folder is not None:
-            raise ValueError("give either a detection dataset or a COCO folder, not both")
-        check_int("steps", self.steps)
-        check_finite("epochs", self.epochs, positive=True)
+            raise ValueError(
+                f"give either a detection dataset ({arg('dataset')}) or a COCO folder ({arg('coco_folder')}), not both"
+            )
         if self.steps is not None:
             detection_rule(1, 1, 1.0, 1.0, self.steps)  # the schedule's own checks (steps >= 4), before any download
         retinanet.check_options(
@@ -197,10 +148,14 @@ class DetectionRecipe(engine.Recipe):
     def load_data(self, options: engine.RunOptions) -> data_lib.DetectionData:
         if options.data is not None:
             return options.data
-        splits = [
-            s if s != default else None for s, default in ((options.train_split, "train"), (options.test_split, "test"))
-        ]
-        return data_lib.load(options.dataset, self.coco_folder, options.data_dir, *splits, options.max_pixels)
+        return data_lib.load(
+            options.dataset,
+            self.coco_folder,
+            options.data_dir,
+            options.train_split,
+            options.test_split,
+            options.max_pixels,
+        )
 
     def plan(self, data: data_lib.DetectionData, options: engine.RunOptions) -> engine.Plan:
         rule = detection_rule(data.num_train, options.batch, options.base_lr, self.epochs, self.steps)
@@ -240,6 +195,12 @@ class DetectionRecipe(engine.Recipe):
             loss=FocalLoss,
             description=tuple(description),
         )
+
+    def resolved_splits(self, options: engine.RunOptions) -> dict:
+        if options.dataset not in data_lib.TFDS_NAMES:
+            return {}
+        splits = data_lib.tfds_splits(options.dataset, options.train_split, options.test_split)
+        return dict(zip(("train_split", "test_split"), splits))
 
     def build_model(self, data, plan: engine.Plan, options: engine.RunOptions) -> keras.Model:
         detector = create_detector(

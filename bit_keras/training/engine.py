@@ -25,8 +25,10 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from bit_keras.checks import arg, check_finite, check_int, control_character
-from bit_keras.data import images, sources
+from bit_keras import options as options_lib
+from bit_keras.checks import arg, control_character
+from bit_keras.data import sources
+from bit_keras.defaults import SPLITS, TEST_FRACTION
 from bit_keras.training import logs
 from bit_keras.training.run_folder import RunFolder, RunResult, format_score, headline_metric, strict_json
 from bit_keras.training.strategy import check_strategy, is_chief, make_strategy
@@ -50,33 +52,10 @@ class RunStopped(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the same command resumes it."""
 
 
-@dataclasses.dataclass(frozen=True)
+@options_lib.dataclass("RUN", "CLASSIFICATION_DATA")
 class RunOptions:
-    """What every training run shares. A None number is the recipe's default; anything given is checked."""
-
-    dataset: str | None = None  # a tfds name or a bundled one (sources.BUNDLED)
-    image_folder: str | None = None
-    test_fraction: float = 0.2  # of an image folder without train/ and test/ subfolders, held out per class
-    max_pixels: int = images.MAX_PIXELS  # the largest image file read (image and COCO folders)
-    data: sources.Data | None = None
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    strategy: str | tf.distribute.Strategy = "auto"
-    tpu: str | None = None
-    batch: int | None = None  # global batch
-    batch_split: int = 1  # micro-batches per replica batch
-    base_lr: float | None = None
-    eval_every: int | None = None
-    resolution: int | None = None
-    mixed_precision: str | None = None
-    xla: bool = False
-    seed: int = 0
-    logdir: str = "runs"
-    name: str | None = None
-    overwrite: bool = False
-    verbose: int = 1
+    """What every training run shares (`bit_keras.options.RUN`, and the image folders and manual downloads that
+    classification reads, `CLASSIFICATION_DATA`). A None is the recipe's default; anything given is checked."""
 
     @property
     def policy(self) -> str | None:
@@ -84,25 +63,33 @@ class RunOptions:
         return mixed_precision_policy(self.mixed_precision)
 
     def check(self) -> None:
-        """One-line errors for bad values, before any folder, download or TensorFlow op."""
-        for flag in ("batch", "batch_split", "eval_every", "resolution"):
-            check_int(flag, getattr(self, flag))
-        check_int("max_pixels", self.max_pixels, required=True)
-        check_finite("base_lr", self.base_lr, positive=True)
+        """One-line errors for bad values, before any folder, download or TensorFlow op (the numbers are checked by
+        the declaration, `bit_keras.options`)."""
+        options_lib.check_fields(self)
         if self.name is not None and not self.name.strip():
             raise ValueError(f"{arg('name')} must not be empty (leave it out for the default)")
-        check_int("seed", self.seed, minimum=0)
         mixed_precision_policy(self.mixed_precision)
         if not isinstance(self.strategy, tf.distribute.Strategy):
             check_strategy(self.strategy, self.tpu)
-        tfds_only = [k for k in ("data_dir", "manual_dir") if getattr(self, k) is not None]
-        tfds_only += [
-            k for k, default in (("train_split", "train"), ("test_split", "test")) if getattr(self, k) != default
-        ]
+        tfds_only = [k for k in ("data_dir", "manual_dir", "train_split", "test_split") if getattr(self, k) is not None]
         if tfds_only and (self.dataset is None or self.dataset in sources.BUNDLED):
             raise ValueError("; ".join(f"{arg(k)} applies to a tfds dataset only" for k in tfds_only))
-        if self.test_fraction != 0.2 and self.image_folder is None:
+        if self.test_fraction is not None and self.image_folder is None:
             raise ValueError(f"{arg('test_fraction')} applies to an image folder only")
+
+    def resolved(self) -> dict:
+        """The data source's options as the run uses them (the recipe's defaults where not given)."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k != "data"}
+        if self.image_folder is not None and self.test_fraction is None:
+            values["test_fraction"] = TEST_FRACTION
+        if not isinstance(self.strategy, str):
+            values["strategy"] = type(self.strategy).__name__
+        return values
+
+    def splits(self) -> tuple[str, str]:
+        """The tfds training and test splits: the given ones, else `defaults.SPLITS`."""
+        given = (self.train_split, self.test_split)
+        return tuple(default if split is None else split for split, default in zip(given, SPLITS))
 
     def eval_interval(self, rule: "Rule") -> int:
         """`eval_every`, or the rule's default."""
@@ -124,9 +111,8 @@ class RunOptions:
             self.image_folder,
             self.data_dir,
             self.manual_dir,
-            self.train_split,
-            self.test_split,
-            test_fraction=self.test_fraction,
+            *self.splits(),
+            test_fraction=TEST_FRACTION if self.test_fraction is None else self.test_fraction,
             max_pixels=self.max_pixels,
         )
 
@@ -162,6 +148,7 @@ class Plan:
     description: tuple[str, ...] = ()  # lines for the log
     warnings: tuple[str, ...] = ()  # where the recipe's values are far from the data (logged as warnings)
     metrics: dict = dataclasses.field(default_factory=dict)  # the recipe's own metrics.json entries
+    resolved: dict = dataclasses.field(default_factory=dict)  # what the recipe chose for options not given
 
 
 class Recipe(abc.ABC):
@@ -202,6 +189,12 @@ class Recipe(abc.ABC):
     def test_batches(self, data: sources.Data, plan: Plan, options: RunOptions) -> tf.data.Dataset:
         """The evaluation batches."""
 
+    def resolved_splits(self, options: RunOptions) -> dict:
+        """The tfds splits the run reads, for run.json's options (none for other data)."""
+        if options.dataset is None or options.dataset in sources.BUNDLED:
+            return {}
+        return dict(zip(("train_split", "test_split"), options.splits()))
+
     def evaluate(self, model: keras.Model, data: sources.Data, plan: Plan) -> dict:
         """Scores of `model` beyond the objective's, at every evaluation: `{"test_NAME": value}` (none by default)."""
         return {}
@@ -214,6 +207,7 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
     """Run `recipe` with `options`: the same sequence for every recipe; returns the finished run."""
     with logs.run_logging(options.verbose) as run_log:  # from the start: data loading logs too
         options.check()
+        options_lib.check_fields(recipe)  # its declared options' numbers
         recipe.check_source(options)
         recipe.check(options)
         strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
@@ -240,12 +234,14 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
                 loss = plan.loss if isinstance(plan.loss, str) else plan.loss()
                 trainer = Trainer(model, batch_split=split, loss=loss, weight_decay=rule.weight_decay, name="trainer")
                 trainer.compile_sgd(rule.learning_rate_schedule(), rule.momentum, jit_compile=options.xla)
-            run.start(config)
+            resolved = resolved_options(options, recipe, plan)
+            run.start(config, resolved)
             if run.chief:
                 run_log.to_file(run.log_path)
             state = run.restore(trainer)
             for line in plan.description:
                 log.info(line)
+            log.info("options: " + ", ".join(f"{key}={value!r}" for key, value in resolved.items()))
             for line in plan.warnings:
                 log.warning(line)
             frozen = sum(math.prod(w.shape) for w in model.non_trainable_weights)
@@ -288,6 +284,22 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
                 run.finish(model, metrics)
             log.info(result_line(metrics, run.path))
     return RunResult(model, metrics, run.path)
+
+
+def resolved_options(options: RunOptions, recipe: Recipe, plan: Plan) -> dict:
+    """Every option of the run as it runs: given, or what the recipe chose (run.json's "options")."""
+    values = options.resolved() | {field.name: getattr(recipe, field.name) for field in dataclasses.fields(recipe)}
+    values |= recipe.resolved_splits(options)
+    rule = plan.rule
+    values |= {
+        "batch": rule.batch,
+        "base_lr": getattr(rule, "base_lr", options.base_lr),
+        "resolution": plan.image_size,
+        "eval_every": options.eval_interval(rule),
+    }
+    if "steps" in values:
+        values["steps"] = rule.steps
+    return json.loads(json.dumps(strict_json(values | plan.resolved)))
 
 
 def check_class_names(data: sources.Data) -> None:

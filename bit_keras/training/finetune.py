@@ -4,11 +4,10 @@ import dataclasses
 import os
 
 import keras
-import tensorflow as tf
 
-from bit_keras.checks import arg, check_finite, check_int
+from bit_keras import options as options_lib
+from bit_keras.checks import arg
 from bit_keras.data import pipeline, sources
-from bit_keras.data.images import MAX_PIXELS
 from bit_keras.defaults import FINETUNE_EMBEDDED as EMBEDDED  # with no data given: the bundled digits, offline
 from bit_keras.defaults import TRAINABLE_FROM
 from bit_keras.models import resolve
@@ -20,42 +19,8 @@ DEFAULT_MODEL = "BiT-M-R50x1"  # for the user's own data
 UPSAMPLING_WARNING = 4  # crops this many times the images' side are worth a warning
 
 
-def finetune(
-    dataset: str | None = None,
-    *,
-    image_folder: str | None = None,
-    test_fraction: float = 0.2,
-    max_pixels: int = MAX_PIXELS,
-    data: sources.Data | None = None,
-    model: str | None = None,
-    name: str | None = None,
-    logdir: str = "runs",
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    train_split: str = "train",
-    test_split: str = "test",
-    examples_per_class: int | None = None,
-    examples_per_class_seed: int = 0,
-    dataset_size: int | None = None,
-    batch: int | None = None,
-    batch_split: int = 1,
-    base_lr: float | None = None,
-    steps: int | None = None,
-    eval_every: int | None = None,
-    resolution: int | None = None,
-    mixup_alpha: float | None = None,
-    bit_pretrained_dir: str | None = None,
-    cache_dir: str | None = None,
-    strategy: str | tf.distribute.Strategy = "auto",
-    tpu: str | None = None,
-    mixed_precision: str | None = None,
-    xla: bool = False,
-    freeze_backbone: bool = False,
-    trainable_from: str | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    verbose: int = 1,
-) -> RunResult:
+@options_lib.verb("finetune")
+def finetune(arguments) -> RunResult:
     """Fine-tune a BiT model with the BiT-HyperRule; returns a `bit_keras.training.run_folder.RunResult`.
 
     Data (one of): `dataset`, a tensorflow-datasets name (`data_dir`, `manual_dir` and the split
@@ -80,8 +45,7 @@ def finetune(
     `eval_every` steps (default: a tenth of the run), and an interrupted run resumes exactly from
     its last checkpoint when started again with the same arguments.
     """
-    arguments = dict(locals())
-    embedded = data is None and dataset is None and image_folder is None
+    embedded = all(arguments[k] is None for k in ("data", "dataset", "image_folder"))
     # What is not given comes from the embedded settings when no data is given, else from the HyperRule.
     defaults = EMBEDDED if embedded else {"model": DEFAULT_MODEL, **hyperrule_lib.DEFAULTS}
     given = {k: arguments[k] if arguments[k] is not None else defaults.get(k) for k in EMBEDDED}
@@ -94,36 +58,23 @@ def finetune(
     return engine.train(recipe, options)
 
 
-@dataclasses.dataclass(frozen=True)
+@options_lib.dataclass("MODEL", "PRETRAINED", "FINETUNE")
 class HyperRuleRecipe(engine.Recipe):
     """BiT's downstream recipe: a new zero head, the HyperRule's resolution, schedule and MixUp, softmax
     cross-entropy, SGD momentum without weight decay, random crops and flips (see `finetune`)."""
 
     task = "finetune"
 
-    model: str
     embedded: bool = False  # no data given: the bundled digits
-    examples_per_class: int | None = None
-    examples_per_class_seed: int = 0
-    dataset_size: int | None = None
-    steps: int | None = None
-    mixup_alpha: float | None = None
-    bit_pretrained_dir: str | None = None
-    cache_dir: str | None = None
-    freeze_backbone: bool = False
-    trainable_from: str | None = None
 
     def check(self, options: engine.RunOptions) -> None:
         if self.trainable_from is not None and self.trainable_from not in TRAINABLE_FROM:
-            raise ValueError(f"trainable_from must be one of {TRAINABLE_FROM}, got {self.trainable_from!r}")
+            raise ValueError(f"{arg('trainable_from')} must be one of {TRAINABLE_FROM}, got {self.trainable_from!r}")
         if self.freeze_backbone and self.trainable_from not in (None, "head"):
             raise ValueError(
-                f"freeze_backbone trains only the head; it contradicts trainable_from={self.trainable_from!r}"
+                f"{arg('freeze_backbone')} trains only the head; it contradicts "
+                f"{arg('trainable_from', repr(self.trainable_from))}"
             )
-        for flag in ("examples_per_class", "dataset_size", "steps"):
-            check_int(flag, getattr(self, flag))
-        check_int("examples_per_class_seed", self.examples_per_class_seed, minimum=0)
-        check_finite("mixup_alpha", self.mixup_alpha)
         hyperrule_lib.hyperrule(1, image_size=1, steps=self.steps)  # the schedule's own checks, before any download
         resolve.check_spec(self.model, pretrained_dir=self.bit_pretrained_dir, cache_dir=self.cache_dir)
 
@@ -200,6 +151,7 @@ class HyperRuleRecipe(engine.Recipe):
             description=tuple(description),
             warnings=tuple(warnings),
             metrics={"dataset_size": size, "dataset_size_source": size_source},
+            resolved={"dataset_size": size, "mixup_alpha": rule.mixup_alpha},
         )
 
     @property

@@ -5,11 +5,11 @@ import logging
 import os
 
 import keras
-import tensorflow as tf
 
-from bit_keras.checks import arg, check_finite, check_int
+from bit_keras import options as options_lib
+from bit_keras.checks import arg
 from bit_keras.data import pipeline, sources
-from bit_keras.data.images import MAX_PIXELS
+from bit_keras.defaults import PRETRAIN_DEFAULTS
 from bit_keras.models import checkpoint, resolve, zoo
 from bit_keras.models.layers import NORMALIZATIONS
 from bit_keras.training import engine, upstream
@@ -19,41 +19,8 @@ from bit_keras.training.trainer import loss_for_labels
 log = logging.getLogger(__name__)
 
 
-def pretrain(
-    dataset: str | None = None,
-    *,
-    image_folder: str | None = None,
-    test_fraction: float = 0.2,
-    max_pixels: int = MAX_PIXELS,
-    data: sources.Data | None = None,
-    model: str = "R50x1",
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    train_split: str = "train",
-    test_split: str = "test",
-    normalization: str = "group",
-    weight_standardization: bool = True,
-    schedule: str = "bit-m",
-    preset: str | None = None,
-    epochs: int | None = None,
-    decay_epochs: list[int] | tuple[int, ...] | None = None,
-    warmup_steps: int | None = None,
-    weight_decay: float = upstream.WEIGHT_DECAY,
-    batch: int = upstream.BATCH,
-    batch_split: int = 1,
-    base_lr: float = upstream.BASE_LR,
-    resolution: int = 224,
-    eval_every: int | None = None,
-    strategy: str | tf.distribute.Strategy = "auto",
-    tpu: str | None = None,
-    mixed_precision: str | None = None,
-    xla: bool = False,
-    seed: int = 0,
-    name: str | None = None,
-    logdir: str = "runs",
-    overwrite: bool = False,
-    verbose: int = 1,
-) -> RunResult:
+@options_lib.verb("pretrain")
+def pretrain(arguments) -> RunResult:
     """Pretrain a BiT architecture from scratch with the paper's upstream recipe; returns a `RunResult`.
 
     Data as `bit_keras.finetune` (a tfds name, a bundled name, an image folder or a `Data`). Single-label
@@ -67,44 +34,39 @@ def pretrain(
     Besides the run folder of fine-tuning runs, the weights are written as `checkpoint.npz` in the
     official layout, loadable with `bit_keras.create_model("PATH/checkpoint.npz")`.
     """
-    arguments = dict(locals())
+    preset, schedule = arguments.pop("preset"), arguments["schedule"]
     if preset is not None:  # the earlier name: "preset" is keras-hub's word for a saved model
-        if schedule not in ("bit-m", preset):
+        if schedule not in (None, preset):
             raise ValueError(f"{arg('preset')} is the earlier name of {arg('schedule')}: give one of them")
         log.warning(f"{arg('preset')} is now called {arg('schedule')} (the same values); {arg('preset')} still works")
         arguments["schedule"] = preset
-    decay_epochs = None if decay_epochs is None else tuple(decay_epochs)
-    recipe = engine.from_arguments(UpstreamRecipe, arguments, decay_epochs=decay_epochs)
-    options = engine.from_arguments(engine.RunOptions, arguments)
+    given = {k: default if arguments[k] is None else arguments[k] for k, default in PRETRAIN_DEFAULTS.items()}
+    decay_epochs = None if arguments["decay_epochs"] is None else tuple(arguments["decay_epochs"])
+    recipe = engine.from_arguments(
+        UpstreamRecipe,
+        arguments,
+        model=given["model"],
+        schedule=given["schedule"],
+        decay_epochs=decay_epochs,
+    )
+    options = engine.from_arguments(
+        engine.RunOptions, arguments, batch=given["batch"], base_lr=given["base_lr"], resolution=given["resolution"]
+    )
     return engine.train(recipe, options)
 
 
-@dataclasses.dataclass(frozen=True)
+@options_lib.dataclass("MODEL", "PRETRAIN")
 class UpstreamRecipe(engine.Recipe):
     """The paper's upstream recipe on a BiT architecture trained from scratch (see `pretrain`)."""
 
     task = "pretrain"
-
-    model: str = "R50x1"
-    schedule: str = "bit-m"
-    epochs: int | None = None
-    decay_epochs: tuple[int, ...] | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = upstream.WEIGHT_DECAY
-    normalization: str = "group"
-    weight_standardization: bool = True
 
     def check(self, options: engine.RunOptions) -> None:
         zoo.parse_architecture(self.model)
         if self.schedule not in upstream.PRESETS:
             raise ValueError(f"unknown {arg('schedule')} {self.schedule!r}; choose from {sorted(upstream.PRESETS)}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        check_int("epochs", self.epochs)
-        check_int("warmup_steps", self.warmup_steps, minimum=0)
-        check_finite("weight_decay", self.weight_decay)
-        for epoch in self.decay_epochs or ():
-            check_int("decay_epochs", epoch)
+            raise ValueError(f"{arg('normalization')} must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
     def plan(self, data: sources.Data, options: engine.RunOptions) -> engine.Plan:
         loss = loss_for_labels(data.train.element_spec[1])
@@ -142,7 +104,8 @@ class UpstreamRecipe(engine.Recipe):
             f"SGD momentum {rule.momentum:g}",
         )
         name = f"{data.name}-{self.model}-{self.schedule}"
-        return engine.Plan(name, config, rule, options.resolution, loss, description)
+        resolved = {"epochs": rule.epochs, "decay_epochs": rule.decay_epochs, "warmup_steps": rule.warmup_steps}
+        return engine.Plan(name, config, rule, options.resolution, loss, description, resolved=resolved)
 
     def build_model(self, data: sources.Data, plan: engine.Plan, options: engine.RunOptions) -> keras.Model:
         model = zoo.create_model(

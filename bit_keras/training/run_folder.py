@@ -44,6 +44,7 @@ from bit_keras.checks import arg
 from bit_keras.models.resolve import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, PRESET_FILES, save_model, save_preset
 
 CONFIG, STATE, LOG, LOCK = "run.json", "state.json", "train.log", ".lock"
+OPTIONS = "options"  # run.json's record of every option as the run used it (a resume may differ in them)
 WEIGHTS_NAME = re.compile(r"step-\d+\.npz")  # the training state's file in checkpoint/
 MAX_RUN_FILE_BYTES = 256 << 20  # run.json, state.json, metrics.json: kilobytes, a megabyte for long runs
 # What a run writes (and --overwrite deletes).
@@ -197,7 +198,7 @@ class RunFolder:
         finished = self.finished()
         if not (finished or self.state()) or not os.path.exists(path):
             return
-        saved = _read_json(path)
+        saved = {k: v for k, v in _read_json(path).items() if k != OPTIONS}  # how it ran, not what it trains
         config = json.loads(json.dumps(config))  # tuples as lists, as saved
         differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
         if finished:
@@ -219,11 +220,12 @@ class RunFolder:
                 "this one afresh"
             )
 
-    def start(self, config):
-        """Write run.json: from here on the run has started (what it writes stays, however it ends)."""
+    def start(self, config, options=None):
+        """Write run.json, `config` and the run's `options` (every option as the run uses them): from here on the run
+        has started (what it writes stays, however it ends)."""
         self.started = True
         os.makedirs(self.checkpoint_dir, exist_ok=True)
-        self._write_json(os.path.join(self.path, CONFIG), config)
+        self._write_json(os.path.join(self.path, CONFIG), config if options is None else config | {OPTIONS: options})
 
     def save(self, trainer, state):
         """Save the trainer's variables (model and optimizer) and `state`, replacing the previous ones only once both
