@@ -136,7 +136,7 @@ for i, path in enumerate(sys.argv[3:]):
     model = keras.saving.load_model(path)
     np.save(f"{sys.argv[2]}/out{i}.npy", model.predict(images, verbose=0))
     info[path] = {"class": type(model).__name__, "num_classes": model.num_classes,
-                  "block_units": list(model.block_units), "width": model.width}
+                  "block_units": list(model.backbone.block_units), "width": model.backbone.width}
 print(json.dumps(info))
 """
 
@@ -176,7 +176,7 @@ def test_convert_round_trip_in_fresh_process(converted, small_images, small_refe
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info[str(converted["model"])] == {
-        "class": "BiT",
+        "class": "BiTImageClassifier",
         "num_classes": 10,
         "block_units": [2, 2, 2, 2],
         "width": 0.5,

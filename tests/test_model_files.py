@@ -12,6 +12,7 @@ import zipfile
 
 import keras
 import pytest
+import tensorflow as tf
 
 import bit_keras
 from bit_keras import checks, cli
@@ -102,7 +103,7 @@ def test_keras_file_of_another_class(keras_parts, tmp_path):
     path = write_keras(tmp_path / "dense.keras", keras_parts)
     assert isinstance(resolve.load_keras(path), keras.Sequential)
     assert isinstance(resolve.load_keras(path, keras.Sequential), keras.Sequential)
-    with pytest.raises(ValueError, match=f"^{path} holds a Sequential, not a bit_keras BiT$"):
+    with pytest.raises(ValueError, match=f"^{path} holds a Sequential, not a bit_keras BiTImageClassifier$"):
         resolve.resolve_model(path)
     broken = tmp_path / "broken.keras"
     with zipfile.ZipFile(broken, "w") as archive:  # a zip, but no config.json
@@ -185,13 +186,16 @@ def unreachable(monkeypatch, tmp_path):
 
 
 def test_offline_default_model_fails_in_seconds_before_the_folder_scan(unreachable, tmp_path, capsys):
-    """`finetune --image_folder photos` offline: the checkpoint's host is probed before the folder is read (it does
-    not exist here: that error would come first otherwise) and the error names the ways to run offline."""
+    """`finetune --image_folder photos` offline: the checkpoint's host is probed before the folder is scanned (a
+    real folder of one class and one image here: only the probe can fail) and the error names the ways to run
+    offline."""
     cached = download.cached_path(unreachable.url)
     ways = (
         f"offline, pass {{}} (a folder holding BiT-M-R50x1.npz), {{}} or the shipped {{}}, or put the file at "
         f"{cached} (the cache: $BIT_KERAS_CACHE)"
     )
+    (tmp_path / "photos" / "digit").mkdir(parents=True)
+    (tmp_path / "photos" / "digit" / "one.png").write_bytes(tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy())
     photos, runs = str(tmp_path / "photos"), str(tmp_path / "runs")
     start = time.monotonic()
     with pytest.raises(ConnectionError) as info:
@@ -207,7 +211,8 @@ def test_offline_default_model_fails_in_seconds_before_the_folder_scan(unreachab
     assert str(info.value).endswith(flags)
     assert cli.main(["finetune", "--image_folder", photos, "--logdir", runs]) == 1
     one_line(capsys, unreachable.url, "BiT-M-R50x1.npz", "does not answer")
-    assert sorted(os.listdir(tmp_path)) == []  # no run folder, no cache folder
+    assert sorted(os.listdir(tmp_path)) == ["photos"]  # no run folder, no cache folder
+    assert sorted(os.listdir(tmp_path / "photos" / "digit")) == ["one.png"]  # nothing written into the data
 
 
 def test_offline_ways_do_not_probe(unreachable, small_npz, tmp_path):
