@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import bit_keras
-from bit_keras.models import download, zoo
+from bit_keras.models import download, presets, zoo
 from bit_keras.models.layers import portable_ops
 from bit_keras.models.resolve import resolve_model
 from bit_keras.serving.export import export, export_inputs
@@ -247,7 +247,7 @@ def test_exports_are_portable(small_npz, tmp_path, monkeypatch):
     spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
     traced = tf.function(model).get_concrete_function(spec).graph.as_graph_def().SerializeToString()
     assert b"FusedBatchNormV3" in traced and b"_XlaMustCompile" in traced
-    export(model, tmp_path / "fv")
+    export(model, tmp_path / "fv", "feature_vector")
     export(model, tmp_path / "cls", "classification", CLASS_NAMES, image_size=32)
     export_detector(detector, tmp_path / "det")
     model.export(str(tmp_path / "keras_export"), verbose=False)
@@ -282,16 +282,16 @@ def test_exports_are_portable(small_npz, tmp_path, monkeypatch):
         check_portable(save("fused", fused), "fused")
     monkeypatch.setattr("bit_keras.serving.export.portable_ops", contextlib.nullcontext)  # a trace that slips
     with pytest.raises(RuntimeError, match=r"refused: function \S+: .*, which not every consumer runs .*: not export"):
-        export(model, tmp_path / "refused")
+        export(model, tmp_path / "refused", "feature_vector")
     assert not any(name.startswith(".refused") or name == "refused" for name in os.listdir(tmp_path))
 
 
 def test_export_is_atomic_and_refuses_to_overwrite(small_npz, tmp_path, monkeypatch):
     model = bit_keras.create_model(small_npz)
     target = tmp_path / "exports" / "fv"
-    export(model, target)
+    export(model, target, "feature_vector")
     with pytest.raises(FileExistsError, match="exists"):
-        export(model, target)
+        export(model, target, "feature_vector")
     stamp = (target / "saved_model.pb").stat().st_mtime_ns
 
     def interrupted(*args, **kwargs):
@@ -299,11 +299,11 @@ def test_export_is_atomic_and_refuses_to_overwrite(small_npz, tmp_path, monkeypa
 
     monkeypatch.setattr(tf.saved_model, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export(model, target, overwrite=True)
+        export(model, target, "feature_vector", overwrite=True)
     assert (target / "saved_model.pb").stat().st_mtime_ns == stamp  # the old export is untouched
     assert sorted(os.listdir(tmp_path / "exports")) == ["fv"]  # and no temporary directory is left
     monkeypatch.undo()
-    export(model, target, overwrite=True)
+    export(model, target, "feature_vector", overwrite=True)
     with pytest.raises(ValueError, match=r"needs 10 class names \(got 3\)$"):
         export(model, tmp_path / "x", "classification", ["a", "b", "c"], image_size=32)
     with pytest.raises(ValueError, match="needs a model with a head"):
@@ -376,7 +376,7 @@ def test_label_download_fails_within_seconds(tmp_path, monkeypatch):
     silent.listen()
     url = f"http://127.0.0.1:{silent.getsockname()[1]}/imagenet21k_wordnet_lemmas.txt"
     monkeypatch.setitem(zoo.LABEL_SOURCES, "imagenet21k", url)
-    monkeypatch.setattr(zoo, "LABELS_DEADLINE_S", 1)
+    monkeypatch.setattr(presets, "LABELS_DEADLINE_S", 1)  # where label_names reads it (zoo re-exports it)
     monkeypatch.delenv(download.DEADLINE_ENV, raising=False)
     start = time.monotonic()
     with pytest.raises(download.DownloadError, match=r"^http://127\.0\.0\.1:\d+/imagenet21k_wordnet_lemmas\.txt: "):
@@ -388,7 +388,7 @@ def test_label_download_fails_within_seconds(tmp_path, monkeypatch):
 def test_with_new_head(small_npz):
     model = bit_keras.create_model(small_npz)
     reheaded = model.with_new_head(4)
-    assert reheaded.num_classes == 4 and not np.any(reheaded.get_layer("head").kernel.numpy())
+    assert reheaded.num_classes == 4 and not np.any(reheaded.get_layer("predictions").kernel.numpy())
     x = np.random.default_rng(3).uniform(size=(1, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(
         reheaded.feature_extractor(["pre_logits"])(x)["pre_logits"],
@@ -423,7 +423,7 @@ def test_resolve_model_of_a_run(stripes_run, small_npz, tmp_path):
     assert (source.name, source.class_names, source.image_size) == ("stripes", ["bottom", "middle", "top"], 16)
     keras_file = resolve_model(os.path.join(stripes_run, "model.keras"))
     assert (keras_file.name, keras_file.class_names, keras_file.image_size) == ("model", source.class_names, 16)
-    with pytest.raises(FileNotFoundError, match="must be a finished run or model folder"):
+    with pytest.raises(FileNotFoundError, match="must be a finished run, a preset or a model folder"):
         resolve_model(str(tmp_path))
     with pytest.raises(ValueError, match="holds its weights already"):
         resolve_model(stripes_run, weights=small_npz)
