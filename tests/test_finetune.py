@@ -18,6 +18,7 @@ import tensorflow as tf
 import bit_keras
 from bit_keras.data import pipeline
 from bit_keras.models.layers import portable_ops
+from bit_keras.models.resolve import PRESET_FILES
 from bit_keras.training.finetune import finetune
 from bit_keras.training.run_folder import RunFolder
 from bit_keras.training.trainer import MomentumSGD, Trainer
@@ -26,7 +27,8 @@ from tests.finetune_helpers import CLASSES, ROOT, stripes_data, weights_of, writ
 pytestmark = pytest.mark.timeout(600)
 
 # What a fine-tuning run folder and its metrics.json held before the run engine was unified (kept, added to).
-RUN_FILES = {"run.json", "tensorboard", "model.keras", "class_names.txt", "curves.png", "metrics.json", ".lock"}
+# The model carries its class names now: the run folder is a keras-hub preset directory instead of class_names.txt.
+RUN_FILES = {"run.json", "tensorboard", "model.keras", "curves.png", "metrics.json", ".lock", *PRESET_FILES}
 METRICS_KEYS = {
     "name", "test_accuracy", "evals", "steps", "wall_s", "images_per_s", "num_train", "num_test", "dataset_size",
     "dataset_size_source", "replicas", "batch_split", "xla", "data", "examples_per_class", "examples_per_class_seed",
@@ -52,7 +54,7 @@ def test_run_folder(small_npz, tmp_path):
     assert (metrics["dataset_size"], metrics["dataset_size_source"], metrics["num_test"]) == (24, "arrays", 12)
     assert metrics["hyperrule"]["supports"] == [1, 2, 4, 5, 6] and metrics["hyperrule"]["crop"] == 16
     assert metrics["hyperrule"]["lr"] == pytest.approx(0.5 * 8 / 512)
-    assert (run / "class_names.txt").read_text().split() == CLASSES
+    assert bit_keras.BiTImageClassifier.from_preset(str(run)).class_names == CLASSES  # the run folder is a preset
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(files for _, _, files in os.walk(run / "tensorboard"))
     assert not (run / "checkpoint").exists()  # the training state goes once the model is saved
@@ -80,7 +82,7 @@ def test_run_folder(small_npz, tmp_path):
 def test_learns_and_new_head_is_zero(small_npz, tmp_path):
     """The pretrained head (10 classes) is replaced by a zero head of 3; the stripes are learnt."""
     before = bit_keras.create_model(small_npz, num_classes=3)
-    assert not np.any(before.get_layer("head").kernel.numpy())
+    assert not np.any(before.output_dense.kernel.numpy())
     result = finetune(
         data=stripes_data(n_train=16),
         model=small_npz,
@@ -189,17 +191,19 @@ def test_freezing(small_npz, tmp_path, trainable_from):
     kwargs = {"freeze_backbone": True} if trainable_from == "head" else {"trainable_from": trainable_from}
     result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), base_lr=1.0, **FAST, **kwargs)
     after = weights_of(result.model)
-    order = [layer.name for layer in result.model.layers]
+    # The backbone's layers in order, then the classifier's head.
+    layers = [*result.model.backbone.layers, result.model.output_dense]
+    order = [layer.name for layer in result.model.backbone.layers] + ["head"]
     first_trained = next(i for i, name in enumerate(order) if name.startswith(trainable_from))
-    for layer in result.model.layers:
+    for layer, name in zip(layers, order):
         changed = [not np.array_equal(before[w.path], after[w.path]) for w in layer.weights]
         if not changed:
             continue
-        if order.index(layer.name) < first_trained:
-            assert not any(changed), f"{layer.name} is frozen but changed"
-        elif layer.name.startswith(("block", "head")):
-            assert any(changed), f"{layer.name} is trainable but did not change"
-        assert all(w.trainable == (order.index(layer.name) >= first_trained) for w in layer.weights)
+        if order.index(name) < first_trained:
+            assert not any(changed), f"{name} is frozen but changed"
+        elif name.startswith(("block", "head")):
+            assert any(changed), f"{name} is trainable but did not change"
+        assert all(w.trainable == (order.index(name) >= first_trained) for w in layer.weights)
     assert result.metrics["trainable_from"] == trainable_from
     assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
 
@@ -208,8 +212,8 @@ def test_freezing(small_npz, tmp_path, trainable_from):
 def test_mixed_precision(small_npz, tmp_path, precision):
     result = finetune(data=stripes_data(), model=small_npz, logdir=str(tmp_path), mixed_precision=precision, **FAST)
     loaded = keras.saving.load_model(os.path.join(result.run_dir, "model.keras"))
-    assert loaded.get_layer("root_conv").dtype_policy.name == f"mixed_{precision}"
-    assert loaded.get_layer("head").kernel.dtype == "float32"
+    assert loaded.backbone.get_layer("root_conv").dtype_policy.name == f"mixed_{precision}"
+    assert loaded.output_dense.kernel.dtype == "float32"
     assert loaded(tf.zeros((1, 16, 16, 3))).dtype == "float32"
     assert 0 <= result.metrics["test_accuracy"] <= 1
     assert result.metrics["evals"][-1]["train_loss"] < np.log(3)
@@ -231,7 +235,7 @@ def test_tfds_mock_data(tmp_path):
     metrics = result.metrics
     assert metrics["data"] == "cifar10" and metrics["num_train"] == 12 and metrics["dataset_size_source"] == "counted"
     assert metrics["num_test"] == 12 and metrics["hyperrule"]["resize"] == 17
-    assert len((tmp_path / "cifar10-R26x0.5" / "class_names.txt").read_text().split()) == 10
+    assert len(keras.saving.load_model(tmp_path / "cifar10-R26x0.5" / "model.keras").class_names) == 10
 
 
 def test_dataset_size_flag_and_log(tmp_path, caplog, small_npz):

@@ -48,7 +48,7 @@ THROWAWAY = textwrap.dedent(
             except ValueError as error:
                 found["python_refused"][f"{name} {value}"] = str(error)
     found["folder_after_refusals"] = os.path.exists(logdir)
-    result = finetune.finetune(throwaway=2.5, steps=2, eval_every=2, resolution=16, logdir=logdir, verbose=0)
+    result = finetune.finetune(throwaway=2.5, steps=5, eval_every=5, resolution=16, logdir=logdir, verbose=0)
     with open(os.path.join(result.run_dir, "run.json")) as f:
         found["run_json"] = json.load(f)["options"]
     print(json.dumps(found))
@@ -81,7 +81,7 @@ def test_an_option_declared_once_reaches_every_verb_flag_check_and_run_json(tmp_
     recorded = found["run_json"]
     assert recorded["throwaway"] == 2.5
     # Every option as the run used it: the embedded defaults and the HyperRule's choices, not None.
-    assert (recorded["batch"], recorded["base_lr"], recorded["resolution"], recorded["steps"]) == (64, 0.03, 16, 2)
+    assert (recorded["batch"], recorded["base_lr"], recorded["resolution"], recorded["steps"]) == (64, 0.03, 16, 5)
     assert recorded["model"] == "BiT-R14x0.5-mnist5k" and recorded["mixup_alpha"] == 0.0
     # The option is gone from this process's declaration.
     assert "throwaway" not in inspect.signature(bit_keras.finetune).parameters

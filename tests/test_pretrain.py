@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import bit_keras
 from bit_keras.data import pipeline, sources
+from bit_keras.models.resolve import PRESET_FILES
 from bit_keras.training.pretrain import pretrain
 from tests.finetune_helpers import stripes_data
 
@@ -19,11 +20,11 @@ RUN_FILES = {
     "run.json",
     "tensorboard",
     "model.keras",
-    "class_names.txt",
     "curves.png",
     "checkpoint.npz",
     "metrics.json",
     ".lock",  # the run-folder lock's file (unlocked: the kernel holds no lock on it)
+    *PRESET_FILES,  # the model as a keras-hub preset, carrying its class names and input size
 }
 METRICS_KEYS = {
     "name", "test_accuracy", "metric", "evals", "steps", "wall_s", "images_per_s", "replicas", "batch_split", "xla",
@@ -65,8 +66,9 @@ def test_batchnorm_ablation_model(tmp_path):
     result = pretrain(
         data=stripes_data(), logdir=str(tmp_path), normalization="batch", weight_standardization=False, **SHORT
     )
-    assert result.model.normalization == "batch" and not result.model.weight_standardization
-    assert "pre_head_norm" in [layer.name for layer in result.model.layers]
+    backbone = result.model.backbone
+    assert backbone.normalization == "batch" and not backbone.weight_standardization
+    assert "pre_head_norm" in [layer.name for layer in backbone.layers]
 
 
 def test_upstream_preprocessing():

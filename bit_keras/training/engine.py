@@ -79,7 +79,7 @@ class RunOptions:
 
     def resolved(self) -> dict:
         """The data source's options as the run uses them (the recipe's defaults where not given)."""
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k != "data"}
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "data"}
         if self.image_folder is not None and self.test_fraction is None:
             values["test_fraction"] = TEST_FRACTION
         if not isinstance(self.strategy, str):
