@@ -88,7 +88,7 @@ def test_feature_vector_file(shipped, tmp_path):
     images = np.random.default_rng(6).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     expected = shipped.model.feature_extractor(["pre_logits"])(images)["pre_logits"].numpy()
     for fmt in formats.SUFFIXES:
-        path = export(shipped.model, tmp_path / f"fv.{fmt}", format=fmt, image_size=32)
+        path = export(shipped.model, tmp_path / f"fv.{fmt}", "feature_vector", format=fmt, image_size=32)
         features = _outputs(path, images)["feature_vector"]
         assert np.abs(features - expected).max() <= 1e-5 * np.abs(expected).max()
         assert not os.path.exists(formats.labels_path(path))
@@ -200,14 +200,14 @@ def test_refused(shipped, tmp_path, monkeypatch):
         export(model, tmp_path / "m.tflite", "classification", format="tflite")
     with pytest.raises(ValueError, match="over the 2 GiB of one ONNX file"):
         monkeypatch.setattr(formats, "ONNX_LIMIT", 1000)
-        export(model, tmp_path / "m.onnx", format="onnx", image_size=32)
+        export(model, tmp_path / "m.onnx", "feature_vector", format="onnx", image_size=32)
     monkeypatch.undo()
     mixed = resolve_model(SHIPPED, dtype="mixed_bfloat16", num_classes=10).model
     with pytest.raises(ValueError, match="^format=.tflite. exports float32 models only: .* in mixed_bfloat16$"):
-        export(mixed, tmp_path / "m.tflite", format="tflite", image_size=32)
+        export(mixed, tmp_path / "m.tflite", "feature_vector", format="tflite", image_size=32)
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # the extra not installed
     with pytest.raises(ImportError, match=r'^ONNX export and prediction need tf2onnx: pip install "bit-keras\[onnx\]"'):
-        export(model, tmp_path / "m.onnx", format="onnx", image_size=32)
+        export(model, tmp_path / "m.onnx", "feature_vector", format="onnx", image_size=32)
     monkeypatch.undo()
 
     real = formats.load
@@ -221,10 +221,10 @@ def test_refused(shipped, tmp_path, monkeypatch):
         export(model, tmp_path / "m.tflite", "classification", names, 32, format="tflite")
     assert os.listdir(tmp_path) == []  # neither the file nor a temporary
     monkeypatch.undo()
-    path = export(model, tmp_path / "m.tflite", format="tflite", image_size=32)
+    path = export(model, tmp_path / "m.tflite", "feature_vector", format="tflite", image_size=32)
     with pytest.raises(FileExistsError, match="exists"):
-        export(model, path, format="tflite", image_size=32)
+        export(model, path, "feature_vector", format="tflite", image_size=32)
     os.remove(path)
     os.mkdir(path)
     with pytest.raises(FileExistsError, match="exists and is a directory"):
-        export(model, path, format="tflite", image_size=32, overwrite=True)
+        export(model, path, "feature_vector", format="tflite", image_size=32, overwrite=True)
