@@ -96,3 +96,13 @@ def test_pretrain_needs_data_and_a_known_preset(tmp_path):
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         pretrain(data=stripes_data(), logdir=str(tmp_path), mixed_precision="int8")
     assert not list(tmp_path.iterdir())  # refused before any run folder exists
+
+
+def test_preset_is_the_earlier_name_of_schedule(caplog, tmp_path):
+    """`preset` still works and says it is now `schedule`; both given and different is refused."""
+    with pytest.raises(ValueError, match="preset is the earlier name of schedule: give one of them"):
+        pretrain(data=stripes_data(), schedule="bit-m", preset="bit-s", logdir=str(tmp_path))
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="batch must be a positive integer"):
+        pretrain(data=stripes_data(), preset="bit-s", batch=0, logdir=str(tmp_path))  # warned, then checked
+    assert "preset is now called schedule (the same values); preset still works" in caplog.text
+    assert not tmp_path.joinpath("stripes-R50x1-bit-s").exists()

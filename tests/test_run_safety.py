@@ -175,6 +175,27 @@ def test_a_run_that_never_starts_leaves_no_folder(tmp_path):
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
+def test_a_start_that_fails_inside_the_lock_leaves_no_folder(tmp_path, monkeypatch):
+    """A failure after the run folder and its lock exist but before the run starts (here the model's build) removes
+    them; a folder that held a checkpoint before keeps it."""
+    from bit_keras.training.finetune import HyperRuleRecipe
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the model cannot be built")
+
+    monkeypatch.setattr(HyperRuleRecipe, "build_model", fails)
+    logdir = tmp_path / "runs" / "deep"
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        bit_keras.finetune(logdir=str(logdir), steps=5, verbose=0)
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept" / "digits-BiT-R14x0.5-mnist5k" / "checkpoint"
+    kept.mkdir(parents=True)
+    (kept / "step-5.npz").write_bytes(b"an earlier checkpoint")
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        bit_keras.finetune(logdir=str(tmp_path / "kept"), steps=5, verbose=0)
+    assert (kept / "step-5.npz").read_bytes() == b"an earlier checkpoint"
+
+
 def test_a_full_disk_at_the_lock_names_it_and_leaves_nothing(tmp_path):
     """Under a file-size limit of 20 bytes (as a full disk) the lock cannot be written: one line naming it, and no
     folder left."""
