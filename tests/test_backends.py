@@ -3,11 +3,13 @@ reference, `.keras` files move between backends, `fold_weight_standardization`, 
 work, and the TensorFlow-only names say what to install.
 
 Keras fixes its backend at import, so each backend runs in a subprocess (`python -m tests.test_backends JOB`, on
-`KERAS_BACKEND`), once for all the checks; this process is the TensorFlow side.
+`KERAS_BACKEND`), once for all the checks, with TensorFlow unimportable there (`NoTensorFlow`: keras-hub imports
+TensorFlow whenever it can, so the model core is checked to run without it); this process is the TensorFlow side.
 """
 
 import contextlib
 import functools
+import importlib.abc
 import importlib.util
 import json
 import os
@@ -41,11 +43,11 @@ def _fit(model):
 
     rng = np.random.default_rng(0)
     images, labels = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32), np.arange(8) % 3
-    before = model.get_layer("root_conv").kernel.numpy().copy()
+    before = model.backbone.get_layer("root_conv").kernel.numpy().copy()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss)
     losses = model.fit(images, labels, batch_size=8, epochs=4, verbose=0).history["loss"]
-    return np.array(losses), not np.array_equal(before, model.get_layer("root_conv").kernel.numpy())
+    return np.array(losses), not np.array_equal(before, model.backbone.get_layer("root_conv").kernel.numpy())
 
 
 def _jax_group_norm_gradients(model, images):
@@ -76,6 +78,23 @@ def _jax_group_norm_gradients(model, images):
     return deviation, used_custom["fast"], used_custom["portable"]
 
 
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    """One of `sys.meta_path`'s finders, finding what it finds but TensorFlow: as where TensorFlow is not installed
+    (`import tensorflow` fails, `importlib.util.find_spec("tensorflow")` is None)."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow" or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        if hasattr(self.finder, "invalidate_caches"):
+            self.finder.invalidate_caches()
+
+
 def _worker(job_path):
     """On `KERAS_BACKEND`'s backend: every output the tests compare, into `job["out"]` (an .npz)."""
     with open(job_path) as f:
@@ -91,7 +110,8 @@ def _worker(job_path):
     out["logits"] = _logits(model, images["random"])
     out["folded"] = _logits(model.fold_weight_standardization(), images["random"])
     out["shipped"] = _logits(bit_keras.create_model(SHIPPED, weights="pretrained"), images["shipped"])
-    out["tensorflow_imported"] = "tensorflow" in sys.modules
+    out["tensorflow_imported"] = "tensorflow" in sys.modules  # nothing got past `NoTensorFlow`
+    out["tensorflow_blocked"] = any(isinstance(finder, NoTensorFlow) for finder in sys.meta_path)
     model.save(job["keras_out"])
     out["from_tensorflow_file"] = _logits(keras.saving.load_model(job["keras_in"]), images["random"])
     bit_keras.save_checkpoint(model, job["npz_out"])
@@ -99,7 +119,7 @@ def _worker(job_path):
     out["checkpoint_round_trip"] = written.keys() == given.keys() and all(
         np.array_equal(written[k], given[k]) for k in given
     )
-    new_head = bit_keras.resolve_model(SHIPPED, new_head=True).model.get_layer("head")
+    new_head = bit_keras.resolve_model(SHIPPED, new_head=True).model.output_dense
     out["new_head_zero"] = not np.any(new_head.kernel.numpy()) and not np.any(new_head.bias.numpy())
     if keras.backend.backend() == "jax":
         out["jax_gradient_deviation"], out["jax_fast_custom"], out["jax_portable_custom"] = _jax_group_norm_gradients(
@@ -255,6 +275,7 @@ def test_stock_fit_trains(backend):
 
 def test_model_core_runs_without_tensorflow_and_the_rest_says_what_to_install(backend):
     name, out = backend
+    assert out["tensorflow_blocked"], f"{name}: the worker ran with TensorFlow importable"
     assert not out["tensorflow_imported"], f"{name}: importing and running the model core imported TensorFlow"
     assert str(out.get("tensorflow_only_error")) == (
         f"bit_keras.finetune needs the TensorFlow backend (tf.distribute), but Keras runs on {name!r}: "
@@ -302,4 +323,5 @@ def test_pretrained_model_on_jax_without_tensorflow(no_tensorflow_python, tensor
 
 
 if __name__ == "__main__":
+    sys.meta_path[:] = [NoTensorFlow(finder) for finder in sys.meta_path]  # before Keras and bit_keras are imported
     _worker(sys.argv[1])

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import bit_keras
 from bit_keras.models.bit import BiT
+from bit_keras.models.classifier import BiTImageClassifier, _convolutions
 from tests.reference_bit import reference_forward
 
 SMALL = dict(block_units=(2, 2, 2, 2), width=0.5)
@@ -23,26 +24,39 @@ def batch(height=64, width=64, n=2, seed=0):
 
 def test_config_round_trip(small):
     config = small.get_config()
-    assert config == {
+    backbone = config["backbone"]
+    assert backbone["class_name"] == "BiTBackbone"
+    assert backbone["config"] == {
         "block_units": (2, 2, 2, 2),
         "width": 0.5,
-        "num_classes": 10,
         "normalization": "group",
         "weight_standardization": True,
         "groups": 32,
-        "input_shape": (None, None, 3),
-        "dtype": None,
-        "name": "r26x0_5",
+        "image_shape": (None, None, 3),
+        "data_format": "channels_last",
+        "dtype": keras.dtype_policies.serialize(keras.DTypePolicy("float32")),
+        "name": small.backbone.name,
         "trainable": True,
     }
-    assert BiT.from_config(config).get_config() == config
+    assert {k: v for k, v in config.items() if k != "backbone"} == {
+        "num_classes": 10,
+        "preprocessor": None,
+        "class_names": None,
+        "pooling": "avg",
+        "activation": None,
+        "dropout": 0.0,
+        "head_dtype": "float32",
+        "name": "r26x0_5",
+    }
+    assert BiTImageClassifier.from_config(config).get_config() == config
+    assert config["backbone"] == backbone  # from_config leaves the config it is given as it was
 
 
 def test_keras_file_round_trip_is_exact(small, tmp_path):
     path = str(tmp_path / "small.keras")
     small.save(path)
     loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, BiT)
+    assert isinstance(loaded, BiTImageClassifier)
     x = batch()
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(small(x)))
     assert loaded.get_config() == small.get_config()
@@ -60,7 +74,7 @@ def test_fixed_input_shape_down_to_one_pixel(small):
     """A static input size builds every unit for its real sizes: at 32px block4's 3x3 convs see 1x1 (+ padding)."""
     fixed = bit_keras.create_model("R26x0.5", num_classes=10, input_shape=(32, 32, 3))
     fixed.set_weights(small.get_weights())
-    assert fixed.get_layer("block4_unit01").output.shape == (None, 1, 1, 1024)
+    assert fixed.backbone.get_layer("block4_unit01").output.shape == (None, 1, 1, 1024)
     x = batch(32, 32)
     np.testing.assert_allclose(np.asarray(fixed(x)), np.asarray(small(x)), rtol=0, atol=1e-6)
 
@@ -82,22 +96,25 @@ def test_predict_on_no_images(small):
 
 def test_fold_weight_standardization(small, small_params):
     folded = small.fold_weight_standardization()
-    assert folded.get_config() == {**small.get_config(), "weight_standardization": False}
-    assert not any(isinstance(c, bit_keras.StandardizedConv2D) for c in folded._convolutions())
-    assert len(list(folded._convolutions())) == len(list(small._convolutions())) == 1 + 8 * 3 + 4  # root, units, projs
+    config, folded_config = small.get_config(), folded.get_config()
+    assert folded_config["backbone"]["config"] == {**config["backbone"]["config"], "weight_standardization": False}
+    assert {**folded_config, "backbone": None} == {**config, "backbone": None}
+    assert not any(isinstance(c, bit_keras.StandardizedConv2D) for c in _convolutions(folded.backbone))
+    convolutions = 1 + 8 * 3 + 4  # root, units, projections
+    assert len(list(_convolutions(folded.backbone))) == len(list(_convolutions(small.backbone))) == convolutions
     x = batch(96, 80)
     ref = reference_forward(small_params, x, block_units=SMALL["block_units"])
     # The same standardized kernels, so the same outputs; both still match the float64 reference.
     np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(small(x)), rtol=0, atol=1e-6)
     assert np.abs(np.asarray(folded(x)) - ref["logits"]).max() <= 5e-5 * np.abs(ref["logits"]).max()
-    kernel = small.get_layer("block2_unit01").conv_b.kernel.numpy()  # the original keeps its raw kernels
+    kernel = small.backbone.get_layer("block2_unit01").conv_b.kernel.numpy()  # the original keeps its raw kernels
     assert np.abs(kernel.mean(axis=(0, 1, 2))).max() > 1e-3
     assert folded.fold_weight_standardization() is folded
     mixed = bit_keras.load_checkpoint(
         bit_keras.create_model("R26x0.5", num_classes=10, dtype="mixed_bfloat16"), small_params
     )
     mixed_folded = mixed.fold_weight_standardization()
-    assert mixed_folded.get_layer("block1_unit01").compute_dtype == "bfloat16"
+    assert mixed_folded.backbone.get_layer("block1_unit01").compute_dtype == "bfloat16"
     reference = np.asarray(small(x))
     unfolded_error, folded_error = (np.abs(np.asarray(m(x)) - reference).max() for m in (mixed, mixed_folded))
     assert folded_error <= max(2 * unfolded_error, 0.01 * np.abs(reference).max())  # bf16 rounding, no worse
@@ -134,7 +151,7 @@ def test_mixed_precision_outputs_float32(small, small_params, policy, atol):
     out = mixed(x)
     assert out.dtype == "float32"
     assert mixed.feature_extractor(("pre_logits",))(x)["pre_logits"].dtype == "float32"
-    assert mixed.get_layer("block1_unit01").compute_dtype == policy.split("_")[1]
+    assert mixed.backbone.get_layer("block1_unit01").compute_dtype == policy.split("_")[1]
     reference = np.asarray(small(x))
     assert np.abs(np.asarray(out) - reference).max() <= atol * np.abs(reference).max()
 

@@ -32,7 +32,7 @@ def test_file_is_small_and_in_the_official_layout():
 
 def test_loads_through_create_model_and_matches_the_reference():
     model = bit_keras.create_model(NAME, weights="pretrained")
-    assert (model.block_units, model.width, model.num_classes) == ((1, 1, 1, 1), 0.5, 10)
+    assert (model.backbone.block_units, model.backbone.width, model.num_classes) == ((1, 1, 1, 1), 0.5, 10)
     images = np.random.default_rng(0).uniform(0, 1, (2, ENTRY.input_size, ENTRY.input_size, 3)).astype(np.float32)
     with np.load(ENTRY.url) as f:
         expected = reference_forward({k: f[k] for k in f.files}, images, block_units=(1, 1, 1, 1), width=0.5)["logits"]

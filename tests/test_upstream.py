@@ -69,7 +69,7 @@ def test_weight_decay_on_exactly_the_kernels(small_npz):
     decayed = Trainer(model, weight_decay=1e-2)
     kernels = {w.path for w in decayed.decayed}
     assert kernels == {w.path for w in model.weights if w.path.endswith("/kernel")}
-    assert "head/kernel" in kernels and not any(p.endswith(("gamma", "beta", "bias")) for p in kernels)
+    assert model.output_dense.kernel.path in kernels and not any(p.endswith(("gamma", "beta", "bias")) for p in kernels)
     images, targets = _batch()
     l2 = sum(float(np.sum(w.numpy() ** 2)) / 2 for w in decayed.decayed)
     logits = model(images)

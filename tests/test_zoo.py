@@ -147,14 +147,14 @@ def test_architecture_without_classes_needs_num_classes():
 
 def test_create_model_arch_with_local_weights(small_npz, small_images, small_reference):
     model = zoo.create_model("R26x0.5", weights=small_npz, progress=False)
-    assert (model.block_units, model.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
+    assert (model.backbone.block_units, model.backbone.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
     assert_close(model.predict(small_images, verbose=0), small_reference["logits"])
 
 
 @pytest.mark.parametrize("as_path", [False, True], ids=["str", "pathlib"])
 def test_create_model_from_npz_path_infers_architecture(small_npz, small_images, small_reference, as_path):
     model = zoo.create_model(pathlib.Path(small_npz) if as_path else small_npz, progress=False)
-    assert (model.block_units, model.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
+    assert (model.backbone.block_units, model.backbone.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
     assert_close(model.predict(small_images, verbose=0), small_reference["logits"])
 
 
@@ -291,7 +291,7 @@ def test_pretrained_downloads_registry_url_once(
     cached = download.cached_path(served_checkpoint.url, cache)
     assert cached.startswith(cache + os.sep)
     assert pathlib.Path(cached).read_bytes() == http_server.routes[path][0]
-    assert (model.block_units, model.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
+    assert (model.backbone.block_units, model.backbone.width, model.num_classes) == (SMALL_UNITS, 0.5, 10)
     assert_close(model.predict(small_images, verbose=0), small_reference["logits"])
 
     again = zoo.create_model(served_checkpoint.name, weights="pretrained", cache_dir=cache, progress=False)

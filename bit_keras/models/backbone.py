@@ -56,9 +56,6 @@ class BiTBackbone(FeaturePyramidBackbone):
         data_format = standardize_data_format(data_format)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"{arg('normalization')} must be one of {NORMALIZATIONS}, got {normalization!r}")
-        root = channels(width)
-        if normalization == "group" and root % groups:
-            raise ValueError(f"width={width} gives {root} root channels, not divisible into {groups} groups")
         images = keras.Input(shape=image_shape, dtype="float32", name="images")
         features = body(images, block_units, width, normalization, weight_standardization, groups, dtype, data_format)
         x = features["final"]
@@ -107,6 +104,8 @@ def body(images, block_units, width, normalization, weight_standardization, grou
     """BiT's layers on `images` (float32 in [0, 1]): `{"stem", "block1".."block4", "final"}` tensors, "final" after the
     last group norm and ReLU."""
     ws, fmt, root = weight_standardization, data_format, channels(width)
+    if normalization == "group" and root % groups:  # here, so that `BiT` says it as `BiTBackbone` does
+        raise ValueError(f"width={width} gives {root} root channels, not divisible into {groups} groups")
     x = layers.Rescaling(2.0, offset=-1.0, name="to_minus_one_one", dtype=dtype)(images)  # [0,1] -> [-1,1]
     x = layers.ZeroPadding2D(3, data_format=fmt, name="root_pad", dtype=dtype)(x)
     x = conv_layer(root, 7, "root_conv", strides=2, weight_standardization=ws, dtype=dtype, data_format=fmt)(x)

@@ -184,8 +184,9 @@ class BiTImageClassifier(ImageClassifier):
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)  # keras-hub's `Task.from_config` puts the deserialized backbone into the dict it gets
         if isinstance(config.get("head_dtype"), dict):
-            config = {**config, "head_dtype": keras.dtype_policies.deserialize(config["head_dtype"])}
+            config["head_dtype"] = keras.dtype_policies.deserialize(config["head_dtype"])
         return super().from_config(config)
 
 
