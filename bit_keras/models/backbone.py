@@ -54,6 +54,8 @@ class BiTBackbone(FeaturePyramidBackbone):
         **kwargs,
     ):
         data_format = standardize_data_format(data_format)
+        # keras-hub's name for the class, without Keras' per-process "_<n>": equal models have equal configs.
+        kwargs["name"] = kwargs.get("name") or "bi_t_backbone"
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"{arg('normalization')} must be one of {NORMALIZATIONS}, got {normalization!r}")
         images = keras.Input(shape=image_shape, dtype="float32", name="images")
