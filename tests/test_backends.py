@@ -296,18 +296,23 @@ np.save(sys.argv[2], keras.ops.convert_to_numpy(model(np.load(sys.argv[1]))))
 
 @pytest.fixture(scope="module")
 def no_tensorflow_python(tmp_path_factory):
-    """The Python of a virtual environment holding keras, jax[cpu] and tqdm alone (this one's versions):
-    `$BIT_KERAS_NO_TF_VENV` if set, else made here (pip reaches the package registry)."""
+    """The Python of a virtual environment holding keras, jax[cpu], tqdm and keras-hub without TensorFlow (this one's
+    versions; keras-hub without its dependencies, which pull TensorFlow in through tensorflow-text, and with those it
+    imports): `$BIT_KERAS_NO_TF_VENV` if set, else made here (pip reaches the package registry)."""
     from importlib.metadata import version
 
     venv = os.environ.get("BIT_KERAS_NO_TF_VENV") or str(tmp_path_factory.mktemp("no_tensorflow") / "venv")
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
         subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
-        needs = [f"keras=={version('keras')}", f"jax[cpu]=={version('jax')}", f"tqdm=={version('tqdm')}"]
-        install = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *needs]
-        result = subprocess.run(install, capture_output=True, text=True, timeout=480)
-        assert result.returncode == 0, result.stderr[-3000:]
+        light = ("keras", "tqdm", "absl-py", "kagglehub", "packaging", "regex", "rich", "tokenizers", "sentencepiece")
+        pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for needs in (
+            [*(f"{name}=={version(name)}" for name in light), f"jax[cpu]=={version('jax')}"],
+            ["--no-deps", f"keras-hub=={version('keras-hub')}"],
+        ):
+            result = subprocess.run([*pip, *needs], capture_output=True, text=True, timeout=480)
+            assert result.returncode == 0, result.stderr[-3000:]
     return python
 
 
