@@ -191,6 +191,7 @@ def test_a_start_that_fails_inside_the_lock_leaves_no_folder(tmp_path, monkeypat
     kept = tmp_path / "kept" / "digits-BiT-R14x0.5-mnist5k" / "checkpoint"
     kept.mkdir(parents=True)
     (kept / "step-5.npz").write_bytes(b"an earlier checkpoint")
+    (kept.parent / "run.json").write_text("{}")  # a run folder of an earlier start
     with pytest.raises(RuntimeError, match="cannot be built"):
         bit_keras.finetune(logdir=str(tmp_path / "kept"), steps=5, verbose=0)
     assert (kept / "step-5.npz").read_bytes() == b"an earlier checkpoint"
