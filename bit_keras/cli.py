@@ -99,12 +99,8 @@ def _add_training(sub, verb, help, description):
 
 
 def _add_max_pixels(p):
-    p.add_argument(
-        "--max_pixels",
-        type=int,
-        default=defaults.MAX_PIXELS,
-        help=f"refuse image files larger than this (default {defaults.MAX_PIXELS:,})",
-    )
+    """`--max_pixels`, as the training subcommands declare it (`bit_keras.options.RUN`)."""
+    options.add_flag(p, next(option for option in options.RUN if option.name == "max_pixels"))
 
 
 def _add_recipes(sub):

@@ -2,8 +2,8 @@
 
 `RUN` holds what every run shares (`bit_keras.training.engine.RunOptions` is made from it), `CLASSIFICATION_DATA`
 what classification reads beyond it, and each recipe's table (`FINETUNE`, `PRETRAIN`, `DETECTION`) what only that
-recipe takes. From these tables come the dataclasses' fields (`fields`), each verb's typed signature (`verb`), the
-`bit-keras` flags and their help (`add_flags`) and the one-line checks (`check`). A None default means "the
+recipe takes. From these tables come the dataclasses' fields (`dataclass`), each verb's typed signature (`verb`), the
+`bit-keras` flags and their help (`add_flags`) and the one-line checks (`check_fields`). A None default means "the
 recipe's default": the recipe decides it, logs it and records it in run.json, so nothing is inferred by comparing a
 value with a literal. This module imports nothing heavy: the command line builds its parser from it without
 TensorFlow.
@@ -121,9 +121,6 @@ PRETRAIN = (  # the paper's upstream recipe (bit_keras.training.pretrain)
         help="the paper's epochs and decays ({default})",
         choices=tuple(sorted(defaults.UPSTREAM_PRESETS)),
     ),
-    Option(
-        "preset", "str | None", help="the earlier name of --schedule", choices=tuple(sorted(defaults.UPSTREAM_PRESETS))
-    ),
     Option("epochs", "int | None", help="replace the schedule's epochs", check="positive"),
     Option(
         "decay_epochs",
@@ -141,6 +138,11 @@ PRETRAIN = (  # the paper's upstream recipe (bit_keras.training.pretrain)
         True,
         "plain convolutions (the paper's ablation)",
         flag="--no_weight_standardization",
+    ),
+)
+PRETRAIN_ALIASES = (  # the verb's earlier names (not the recipe's fields)
+    Option(
+        "preset", "str | None", help="the earlier name of --schedule", choices=tuple(sorted(defaults.UPSTREAM_PRESETS))
     ),
 )
 DETECTION = (  # the paper's RetinaNet recipe (bit_keras.detection.finetune)
@@ -198,7 +200,7 @@ VERB_DEFAULTS = {
 }
 VERB_TABLES = {  # the tables of each verb's options (by name: a test replaces a table), in signature order
     "finetune": ("RUN", "CLASSIFICATION_DATA", "MODEL", "PRETRAINED", "FINETUNE"),
-    "pretrain": ("RUN", "CLASSIFICATION_DATA", "MODEL", "PRETRAIN"),
+    "pretrain": ("RUN", "CLASSIFICATION_DATA", "MODEL", "PRETRAIN", "PRETRAIN_ALIASES"),
     "finetune_detector": ("RUN", "MODEL", "PRETRAINED", "DETECTION"),
 }
 POSITIONAL = "dataset"  # the one argument a verb also takes by position
@@ -271,26 +273,28 @@ def add_flags(parser, verb: str) -> None:
     recipe's) or the declared one, every help line with the verb's `{default}`."""
     described = VERB_DEFAULTS[verb]
     for option in declared(verb).values():
-        if option.flag_name is None:
-            continue
-        text = option.help.format(default=described.get(option.name, "default: the recipe's"))
-        kwargs = {"dest": option.name, "help": text}
-        if option.type is bool and option.default is True:
-            parser.add_argument(option.flag_name, action="store_false", **kwargs)
-        elif option.type is bool:
-            parser.add_argument(option.flag_name, action="store_true", **kwargs)
-        elif option.type == "bool | None":
-            parser.add_argument(option.flag_name, action=argparse.BooleanOptionalAction, default=None, **kwargs)
-        else:
-            kind = _scalar(option.type)
-            parser.add_argument(
-                option.flag_name,
-                type=kind,
-                default=option.default,
-                choices=option.choices,
-                nargs=option.nargs,
-                **kwargs,
-            )
+        if option.flag_name is not None:
+            add_flag(parser, option, option.help.format(default=described.get(option.name, "default: the recipe's")))
+
+
+def add_flag(parser, option: Option, help: str | None = None) -> None:
+    """The flag of `option` on the argparse `parser`, with `help` (default: the option's)."""
+    kwargs = {"dest": option.name, "help": option.help if help is None else help}
+    if option.type is bool and option.default is True:
+        parser.add_argument(option.flag_name, action="store_false", **kwargs)
+    elif option.type is bool:
+        parser.add_argument(option.flag_name, action="store_true", **kwargs)
+    elif option.type == "bool | None":
+        parser.add_argument(option.flag_name, action=argparse.BooleanOptionalAction, default=None, **kwargs)
+    else:
+        parser.add_argument(
+            option.flag_name,
+            type=_scalar(option.type),
+            default=option.default,
+            choices=option.choices,
+            nargs=option.nargs,
+            **kwargs,
+        )
 
 
 def _scalar(annotation) -> type | None:

@@ -34,7 +34,7 @@ def pretrain(arguments) -> RunResult:
     Besides the run folder of fine-tuning runs, the weights are written as `checkpoint.npz` in the
     official layout, loadable with `bit_keras.create_model("PATH/checkpoint.npz")`.
     """
-    preset, schedule = arguments.pop("preset"), arguments["schedule"]
+    preset, schedule = arguments["preset"], arguments["schedule"]
     if preset is not None:  # the earlier name: "preset" is keras-hub's word for a saved model
         if schedule not in (None, preset):
             raise ValueError(f"{arg('preset')} is the earlier name of {arg('schedule')}: give one of them")
