@@ -165,11 +165,20 @@ class BiTImageClassifier(ImageClassifier):
             folded.output_dense.set_weights(self.output_dense.get_weights())
         return folded
 
-    def predict(self, x, *args, **kwargs):
-        """Keras' `predict`; an array of no images gives an empty result (Keras 3 raises UnboundLocalError)."""
-        if getattr(x, "shape", None) is not None and len(x.shape) > 0 and x.shape[0] == 0:
+    def predict(self, x=None, batch_size=None, **kwargs):
+        """keras-hub's `predict`; an array of no images gives an empty result (Keras 3 raises UnboundLocalError). On
+        TensorFlow an array goes in as a `tf.data` dataset: keras-hub 0.32 feeds arrays through grain where it is
+        installed, whose read options log a warning on every call."""
+        if getattr(x, "shape", None) is None:  # a dataset: as it is
+            return super().predict(x, batch_size=batch_size, **kwargs)
+        if len(x.shape) > 0 and x.shape[0] == 0:
             return np.zeros((0, *self.output.shape[1:]), self.output.dtype)
-        return super().predict(x, *args, **kwargs)
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            batches = tf.data.Dataset.from_tensor_slices(x).batch(32 if batch_size is None else batch_size)
+            return super().predict(batches, **kwargs)  # Keras' default batch of 32
+        return super().predict(x, batch_size=batch_size, **kwargs)
 
     def export(self, filepath, *args, **kwargs):
         """Keras' `Model.export`, traced with `portable_ops` (the SavedModel may be served on a GPU)."""
