@@ -204,10 +204,13 @@ def test_detection_mirrored_two_logical_cpus_equals_one_device(strategy_runs):
     assert metrics[1]["replicas"] == 1 and metrics[2]["replicas"] == 2
     one, two = (_weights(strategy_runs[f"detection{d}"][0] / "w.npz") for d in (1, 2))
     for path, value in one.items():
-        assert np.abs(value - two[path]).max() <= 1e-4 * (np.abs(value).max() + 1e-12), path
+        # Within 1e-4 of each tensor's scale, or 1e-6 absolute: the group norms' betas of the early blocks start at 0
+        # and move ~2e-4 in 4 steps, their gradients sums of cancelling terms; replicas' rounding moves them ~4e-7
+        # while the losses agree to ~3e-7 (checked below).
+        np.testing.assert_allclose(two[path], value, rtol=1e-4, atol=1e-6, err_msg=path)
     for a, b in zip(metrics[1]["evals"], metrics[2]["evals"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
 def test_detection_multi_worker_two_processes(strategy_runs):
