@@ -186,9 +186,8 @@ class DetectionRecipe(engine.Recipe):
         ]
         if data.clipped:
             description.append(f"{data.clipped} boxes reached outside their image and were clipped to it")
-        model_name = os.path.basename(str(self.model)).removesuffix(".npz").removesuffix(".keras")
         return engine.Plan(
-            f"{data.name.replace('/', '-')}-retinanet-{model_name}",
+            f"{data.name.replace('/', '-')}-retinanet-{self.model_name}",
             config,
             rule,
             image_size=options.resolution,

@@ -189,6 +189,11 @@ class Recipe(abc.ABC):
     def test_batches(self, data: sources.Data, plan: Plan, options: RunOptions) -> tf.data.Dataset:
         """The evaluation batches."""
 
+    @property
+    def model_name(self) -> str:
+        """The recipe's `model` as the run folder's default name has it (a file's name without .npz or .keras)."""
+        return os.path.basename(str(self.model)).removesuffix(".npz").removesuffix(".keras")
+
     def resolved_splits(self, options: RunOptions) -> dict:
         """The tfds splits the run reads, for run.json's options (none for other data)."""
         if options.dataset is None or options.dataset in sources.BUNDLED:

@@ -1,7 +1,6 @@
 """Fine-tuning with the BiT-HyperRule: the recipe (`HyperRuleRecipe`) and `finetune`, which builds and runs it."""
 
 import dataclasses
-import os
 
 import keras
 
@@ -142,9 +141,8 @@ class HyperRuleRecipe(engine.Recipe):
                 f"learning rate scaled by batch/{hyperrule_lib.BATCH}: "
                 f"{rule.base_lr:g} x {rule.batch}/{hyperrule_lib.BATCH} = {rule.lr:g}"
             )
-        model_name = os.path.basename(str(self.model)).removesuffix(".npz").removesuffix(".keras")
         return engine.Plan(
-            f"{data.name}-{model_name}",
+            f"{data.name}-{self.model_name}",
             config,
             rule,
             image_size=rule.crop,
