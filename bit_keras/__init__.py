@@ -44,6 +44,7 @@ _MODULES = {  # public name -> the module that defines it
     "export": "bit_keras.serving.export",
     "predict": "bit_keras.serving.predict",
     "SavedModelLayer": "bit_keras.serving.saved_model_layer",
+    "fewshot": "bit_keras.training.fewshot",
     "finetune": "bit_keras.training.finetune",
     "pretrain": "bit_keras.training.pretrain",
     "RunResult": "bit_keras.training.run_folder",

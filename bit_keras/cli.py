@@ -131,6 +131,19 @@ def _add_recipes(sub):
     )
 
 
+def _fewshot(args):
+    from bit_keras.training.fewshot import fewshot, table
+
+    data = args.dataset or (os.path.basename(os.path.normpath(args.image_folder)) if args.image_folder else "digits")
+    name = os.path.basename(os.path.normpath(str(args.model))).removesuffix(".npz").removesuffix(".keras")
+    out = args.out if args.out is not None else os.path.join("fewshot", f"{data.replace('/', '-')}-{name}.json")
+    kwargs = {k: getattr(args, k) for k in ("dataset", "image_folder", "data_dir", "test_fraction", "max_pixels")}
+    kwargs |= {k: getattr(args, k) for k in ("seeds", "l2", "resolution", "batch", "cache_dir", "overwrite")}
+    report = fewshot(args.model, shots=tuple(args.shots), out=out, **kwargs)
+    print(table(report))
+    print(f"wrote {out}")
+
+
 def _detect(args):
     from bit_keras.detection.detect import detect, print_table
 
@@ -302,6 +315,34 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_max_pixels(predict)
     predict.set_defaults(func=_predict)
+
+    fewshot = sub.add_parser(
+        "fewshot",
+        help="few-shot linear accuracy of a model's features (big_vision's closed-form evaluator)",
+        description="The frozen pre-logits of k training images per class, a closed-form L2-regularized "
+        "least-squares classifier onto targets in {-1, 1}, its test accuracy: mean and std over seeds per k. Without "
+        "--dataset or --image_folder: the embedded digits, offline.",
+    )
+    shipped, few = defaults.FINETUNE_EMBEDDED["model"], defaults.FEWSHOT
+    fewshot.add_argument("--model", default=shipped, help=f"anything finetune's --model takes (default {shipped})")
+    fewshot.add_argument("--dataset", default=None, help="tensorflow-datasets name or a bundled one (digits, mnist5k)")
+    fewshot.add_argument("--image_folder", default=None, help="folder with one subfolder of images per class")
+    fewshot.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory")
+    fewshot.add_argument(
+        "--test_fraction", type=float, default=None, help="of an image folder without train/ and test/ (default 0.2)"
+    )
+    fewshot.add_argument(
+        "--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="examples per class (default 1 5 10 25)"
+    )
+    fewshot.add_argument("--seeds", type=int, default=3, help="draws of the examples per k (default 3)")
+    fewshot.add_argument("--l2", type=float, default=2.0**10, help="L2 regularization (default 1024, big_vision's)")
+    fewshot.add_argument("--resolution", type=int, default=None, help="image side (default: the model's input size)")
+    fewshot.add_argument("--batch", type=int, default=few["batch"], help=f"images per pass (default {few['batch']})")
+    fewshot.add_argument("--cache_dir", default=None, help="download cache directory")
+    fewshot.add_argument("--out", default=None, help="the JSON report (default: fewshot/DATA-MODEL.json)")
+    fewshot.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_max_pixels(fewshot)
+    fewshot.set_defaults(func=_fewshot)
 
     detect = sub.add_parser("detect", help="detected objects in image files, printed and drawn as PNGs")
     detect.add_argument("--model", required=True, help="a finetune-detector run folder, its model.keras or its export")

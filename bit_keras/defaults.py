@@ -43,4 +43,8 @@ DETECTION_DEFAULTS |= {"fpn_channels": 256, "head_channels": 256, "head_depth": 
 DETECTION_EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 16, "base_lr": 0.32, "resolution": 128, "epochs": 24}
 DETECTION_EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2, "head_norm": True}
 
+# Few-shot linear evaluation (bit_keras.training.fewshot): big_vision's configs/common_fewshot.py (shots, num_seeds,
+# l2_reg = 2.0 ** 10); features computed 64 images at a time.
+FEWSHOT = {"shots": (1, 5, 10, 25), "seeds": 3, "l2": 2.0**10, "batch": 64}
+
 EXPORT_FORMATS = ("saved_model", "onnx", "tflite")  # bit_keras.serving.export.FORMATS
