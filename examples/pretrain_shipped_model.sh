@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOGDIR="${LOGDIR:-runs}"
-bit-keras pretrain --dataset mnist5k --model R14x0.5 --preset bit-s --batch 128 --warmup_steps 560 \
+bit-keras pretrain --dataset mnist5k --model R14x0.5 --schedule bit-s --batch 128 --warmup_steps 560 \
   --resolution 32 --logdir "$LOGDIR" --name BiT-R14x0.5-mnist5k "$@"
 cp "$LOGDIR/BiT-R14x0.5-mnist5k/checkpoint.npz" bit_keras/weights/BiT-R14x0.5-mnist5k.npz.tmp
 mv bit_keras/weights/BiT-R14x0.5-mnist5k.npz.tmp bit_keras/weights/BiT-R14x0.5-mnist5k.npz
