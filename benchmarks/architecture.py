@@ -17,7 +17,7 @@ def _layers(arch, resolution):
     """The layers of the headless model of `arch` at `resolution`."""
     from bit_keras.models import zoo
 
-    return zoo.create_model(arch, num_classes=0, input_shape=(resolution, resolution, 3)).layers
+    return zoo.create_model(arch, num_classes=0, input_shape=(resolution, resolution, 3)).backbone.layers
 
 
 def conv_problems(arch, batch, resolution):

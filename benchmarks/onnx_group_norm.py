@@ -32,7 +32,7 @@ def convert(arch, size):
     from bit_keras.serving import formats
 
     model = bit_keras.create_model(arch, num_classes=1000)
-    head = model.get_layer("head")  # zero-initialized, as BiT's: logits of 0 would hide any difference
+    head = model.output_dense  # zero-initialized, as BiT's: logits of 0 would hide any difference
     head.kernel.assign(np.random.default_rng(0).normal(0, 0.01, head.kernel.shape).astype(np.float32))
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])

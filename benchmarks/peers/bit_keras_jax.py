@@ -26,7 +26,7 @@ def float32_precision_deviation(model, images):
     import jax
     import numpy as np
 
-    head = model.get_layer("head")
+    head = model.output_dense
     head.kernel.assign(np.random.default_rng(1).normal(0, 0.01, head.kernel.shape).astype(np.float32))
     trainable, non_trainable = keras_jax.variable_values(model)
     logits = {}

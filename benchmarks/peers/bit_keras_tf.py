@@ -154,7 +154,7 @@ def parity(args):
     import numpy as np
 
     reference, _ = build(args, dtype="float32")
-    head = reference.get_layer("head")  # BiT heads start at zero: random ones give comparable logits
+    head = reference.output_dense  # BiT heads start at zero: random ones give comparable logits
     fan_in = head.kernel.shape[0]
     head.kernel.assign(np.random.default_rng(1).normal(0, fan_in**-0.5, head.kernel.shape).astype(np.float32))
     mixed, _ = build(args)
