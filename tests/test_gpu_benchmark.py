@@ -38,7 +38,7 @@ def flops_per_image(arch, resolution):
 
     model = zoo.create_model(arch, num_classes=1000, input_shape=(resolution, resolution, 3))
     macs = 0
-    for layer in model.layers:
+    for layer in [*model.backbone.layers, *model.layers]:  # the backbone's units and root, then the classifier's head
         if isinstance(layer, PreActBottleneck):
             (_, height, width, _), (_, out_height, out_width, _) = layer.input.shape, layer.output.shape
             outputs = {"conv_a": (height, width), "conv_b": (out_height, out_width)}
