@@ -1,11 +1,12 @@
 """bit_keras: Big Transfer (BiT) for Keras 3.
 
 The package is grouped by role: `models` (layers, the keras-hub backbone and classifier, the presets and zoo,
-official checkpoints, the model resolver), `data` (sources and the tf.data pipeline), `training` (the run engine
-and its recipes: fine-tuning and upstream pretraining), `detection` (RetinaNet on BiT: model, data, objective, its
-recipe on the engine, evaluation, pictures), `serving` (SavedModel export, prediction, `SavedModelLayer`) and `cli`.
-The verbs and the model API are re-exported here. Importing this registers every model class with Keras' loader:
-`import bit_keras` before `keras.saving.load_model` of a bit_keras `.keras` file.
+official checkpoints, the model resolver), `data` (sources and the tf.data pipeline), `training` (the run engine and
+its recipes: fine-tuning, upstream pretraining and distillation; few-shot evaluation), `detection` (RetinaNet on
+BiT: model, data, objective, its recipe on the engine, evaluation, pictures), `serving` (SavedModel export,
+prediction, `SavedModelLayer`) and `cli`. The verbs and the model API are re-exported here. Importing this registers
+every model class with Keras' loader: `import bit_keras` before `keras.saving.load_model` of a bit_keras `.keras`
+file.
 
 The model core (`models`) runs on every Keras backend (TensorFlow, JAX, PyTorch); the rest needs TensorFlow. On
 another backend, `import bit_keras` loads the model core alone (TensorFlow need not be installed), and the other
@@ -44,6 +45,7 @@ _MODULES = {  # public name -> the module that defines it
     "export": "bit_keras.serving.export",
     "predict": "bit_keras.serving.predict",
     "SavedModelLayer": "bit_keras.serving.saved_model_layer",
+    "distill": "bit_keras.training.distill",
     "fewshot": "bit_keras.training.fewshot",
     "finetune": "bit_keras.training.finetune",
     "pretrain": "bit_keras.training.pretrain",

@@ -1,5 +1,5 @@
 """`bit-keras`: one subcommand per function (`models`, `convert`, `finetune`, `pretrain`, `finetune-detector`,
-`export`, `predict`, `detect`).
+`distill`, `fewshot`, `export`, `predict`, `detect`).
 
 The parser is built from `bit_keras.defaults` alone, so that --help, --version and argument errors come without
 importing TensorFlow; `models` imports Keras and the zoo, the other subcommands every module (`bit_keras.load`)."""
@@ -18,6 +18,7 @@ VERBS = {  # the module of each training verb
     "finetune": "bit_keras.training.finetune",
     "pretrain": "bit_keras.training.pretrain",
     "finetune_detector": "bit_keras.detection.finetune",
+    "distill": "bit_keras.training.distill",
 }
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 OFFLINE_WEIGHTS = "pass --weights PATH.npz (a local copy of the checkpoint)"  # convert and export, without a network
@@ -128,6 +129,18 @@ def _add_recipes(sub):
         "epochs, lr 0.08 at batch 256 (scaled to --batch) divided by 10 at epochs 16 and 22, momentum 0.9, weight "
         "decay 1e-4, flips and scale jitter; scored with COCO AP (pycocotools). Without --dataset or --coco_folder: "
         f"the offline digit canvases with {embedded} (each overridable).",
+    )
+
+    embedded = ", ".join(f"{k} {v}" for k, v in defaults.DISTILL_EMBEDDED.items())
+    _add_training(
+        sub,
+        "distill",
+        "distill a BiT teacher into a smaller student by function matching",
+        "Distill a teacher (a fine-tuned model) into a student by function matching (Beyer et al., 2022): both see "
+        "the same inception-cropped, flipped and MixUp-ed batch and the student matches the teacher's softmax (KL "
+        "divergence; the labels only measure accuracy). Without --dataset or --image_folder: the embedded digits, "
+        f"offline, the main job's run (LOGDIR/{defaults.DISTILL_TEACHER_RUN}, fine-tuned first when missing) as the "
+        f"teacher, with {embedded} (each overridable).",
     )
 
 

@@ -43,6 +43,18 @@ DETECTION_DEFAULTS |= {"fpn_channels": 256, "head_channels": 256, "head_depth": 
 DETECTION_EMBEDDED = {"model": "BiT-R14x0.5-mnist5k", "batch": 16, "base_lr": 0.32, "resolution": 128, "epochs": 24}
 DETECTION_EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2, "head_norm": True}
 
+# Distillation (bit_keras.training.distill): function matching (Beyer et al., arXiv:2106.05237). MixUp at alpha 1
+# (Beta(1, 1)) is the paper's function-matching setting: big_vision's configs/proj/distill/bigsweep_flowers_pet.py
+# ("the recommended settings from Fig3/Tab4 of the paper"), `mixup = dict(p=1.0, n=2)`; KL at temperature 1 as its
+# ImageNet config (bit_i1k.py). With no data given: the README's main job (the fine-tuned shipped model, fine-tuned
+# first when missing) teaches an R14x0.5 from random initialization on the digits, with fine-tuning's embedded
+# batch, lr and steps so that the labels-only run of the same student is the same budget.
+DISTILL_TEACHER_RUN = "digits-BiT-R14x0.5-mnist5k"  # the main job's run folder, in --logdir
+DISTILL_EMBEDDED = {"student": "R14x0.5", "batch": 64, "base_lr": 0.03, "resolution": 32, "steps": 500}
+DISTILL_DEFAULTS = {"student": "R50x1", "batch": 512, "base_lr": 0.03, "steps": 10_000}  # on the user's data
+DISTILL_MIXUP_ALPHA = 1.0
+TEACHER_INPUTS = ("same", "fixed")  # the student's augmented batch (function matching), or the plain images
+
 # Few-shot linear evaluation (bit_keras.training.fewshot): big_vision's configs/common_fewshot.py (shots, num_seeds,
 # l2_reg = 2.0 ** 10); features computed 64 images at a time.
 FEWSHOT = {"shots": (1, 5, 10, 25), "seeds": 3, "l2": 2.0**10, "batch": 64}

@@ -1,13 +1,12 @@
 """The options of the training verbs, each declared once: its name, type, default, check and help line.
 
 `RUN` holds what every run shares (`bit_keras.training.engine.RunOptions` is made from it), `CLASSIFICATION_DATA`
-what classification reads beyond it, and each recipe's table (`FINETUNE`, `PRETRAIN`, `DETECTION`) what only that
-recipe takes. From these tables come the dataclasses' fields (`dataclass`), each verb's typed signature (`verb`), the
-`bit-keras` flags and their help (`add_flags`) and the one-line checks (`check_fields`). A None default means "the
-recipe's default": the recipe decides it, logs it and records it in run.json, so nothing is inferred by comparing a
-value with a literal. This module imports nothing heavy: the command line builds its parser from it without
-TensorFlow.
-"""
+what classification reads beyond it, and each recipe's table (`FINETUNE`, `PRETRAIN`, `DETECTION`, `DISTILL`) what
+only that recipe takes. From these tables come the dataclasses' fields (`dataclass`), each verb's typed signature
+(`verb`), the `bit-keras` flags and their help (`add_flags`) and the one-line checks (`check_fields`). A None
+default means "the recipe's default": the recipe decides it, logs it and records it in run.json, so nothing is
+inferred by comparing a value with a literal. This module imports nothing heavy: the command line builds its parser
+from it without TensorFlow."""
 
 import argparse
 import dataclasses
@@ -155,6 +154,34 @@ DETECTION = (  # the paper's RetinaNet recipe (bit_keras.detection.finetune)
     Option("head_norm", "bool | None", help="group normalization in the subnets, for small batches ({default})"),
     Option("freeze_backbone", bool, False, "train only the pyramid and the subnets"),
 )
+DISTILL = (  # function matching (bit_keras.training.distill)
+    Option("teacher", "str | None", help="{default}"),
+    Option("student", "str | None", help="{default}"),
+    Option("steps", "int | None", help="total steps ({default})", check="positive"),
+    Option("temperature", float, 1.0, "softmax temperature of the KL divergence (default 1)", "rate"),
+    Option(
+        "mixup_alpha",
+        "float | None",
+        help=f"MixUp alpha of the shared batch (default {defaults.DISTILL_MIXUP_ALPHA:g}, the paper's function "
+        "matching; 0 with --teacher_input fixed)",
+        check="finite",
+    ),
+    Option(
+        "warmup_steps",
+        "int | None",
+        help="linear warmup before the cosine decay (default: a twentieth of the steps)",
+        check="count",
+    ),
+    Option("weight_decay", float, 0.0, "L2 on the student's kernels (default 0)", "finite"),
+    Option(
+        "teacher_input",
+        str,
+        "same",
+        "same: the teacher sees the student's augmented batch (function matching); fixed: the plain images, as "
+        "precomputed teacher outputs would (the paper's fixed teacher, for comparison)",
+        choices=defaults.TEACHER_INPUTS,
+    ),
+)
 
 _paper = defaults.DETECTION_DEFAULTS
 # What each verb does with an option it is not given: the `{default}` of the help lines.
@@ -197,17 +224,33 @@ VERB_DEFAULTS = {
         "head_depth": f"paper: {_paper['head_depth']}",
         "head_norm": "paper: no",
     },
+    "distill": {
+        "dataset": f"{DATA_SOURCE} (default: the embedded digits)",
+        "teacher": "anything finetune's --model takes with a head for the data's classes (default with no data: "
+        f"LOGDIR/{defaults.DISTILL_TEACHER_RUN}, fine-tuned first when missing)",
+        "student": "architecture (from scratch) or checkpoint, with a new head (default "
+        f"{defaults.DISTILL_DEFAULTS['student']}; {defaults.DISTILL_EMBEDDED['student']} with no data)",
+        "train_split": "default: train",
+        "test_split": "default: test",
+        "batch": f"default {defaults.DISTILL_DEFAULTS['batch']}; {defaults.DISTILL_EMBEDDED['batch']} with no data",
+        "base_lr": f"learning rate at batch 512 (default {defaults.DISTILL_DEFAULTS['base_lr']})",
+        "eval_every": "default: a tenth of the run",
+        "resolution": "the shared crop size (default: the teacher's input size, else the HyperRule's)",
+        "steps": f"default {defaults.DISTILL_DEFAULTS['steps']:,}; {defaults.DISTILL_EMBEDDED['steps']} with no "
+        "data; the paper's schedules are long",
+    },
 }
 VERB_TABLES = {  # the tables of each verb's options (by name: a test replaces a table), in signature order
     "finetune": ("RUN", "CLASSIFICATION_DATA", "MODEL", "PRETRAINED", "FINETUNE"),
     "pretrain": ("RUN", "CLASSIFICATION_DATA", "MODEL", "PRETRAIN", "PRETRAIN_ALIASES"),
     "finetune_detector": ("RUN", "MODEL", "PRETRAINED", "DETECTION"),
+    "distill": ("RUN", "CLASSIFICATION_DATA", "PRETRAINED", "DISTILL"),
 }
 POSITIONAL = "dataset"  # the one argument a verb also takes by position
 
 
 def declared(verb: str) -> dict[str, Option]:
-    """The options of `verb` ("finetune", "pretrain", "finetune_detector") by name, from the tables as they are now."""
+    """The options of `verb` (a key of `VERB_TABLES`) by name, from the tables as they are now."""
     return {option.name: option for table in VERB_TABLES[verb] for option in globals()[table]}
 
 

@@ -27,6 +27,7 @@ def train_batches(
     cache=None,
     shuffle_buffer=None,
     inception_crop=False,
+    plain=False,
 ):
     """BiT training batches: `(float32 [batch_size, crop, crop, 3] in [0, 1], labels)`.
 
@@ -35,7 +36,9 @@ def train_batches(
     when `num_classes` is given. `mixup_alpha > 0` (needs `num_classes`) mixes each batch with its
     reverse, one lambda ~ Beta(alpha, alpha) per batch, into soft targets. Batches drop the remainder.
     `inception_crop=True` (upstream pretraining) instead crops a random box of 8-100% of the area and
-    aspect ratio 3/4-4/3 and resizes it to (crop, crop); `resize` is then unused.
+    aspect ratio 3/4-4/3 and resizes it to (crop, crop); `resize` is then unused. `plain=True` (a distillation
+    teacher's fixed view) also gives each image resized to (crop, crop) without augmentation:
+    `((augmented, plain), labels)`; MixUp cannot mix it the same way and is refused.
 
     The stream is a pure function of `seed` and the position in it: pass p over the data is shuffled
     with a seed derived from (seed, p), example i of the stream is augmented with one from (seed, i)
@@ -53,6 +56,8 @@ def train_batches(
         raise ValueError(f"crop {crop} is larger than resize {resize}")
     if mixup_alpha and not num_classes:
         raise ValueError("MixUp needs num_classes (it mixes one-hot labels into soft targets)")
+    if mixup_alpha and plain:
+        raise ValueError("MixUp mixes the augmented images only: it cannot go with the plain ones (plain=True)")
     examples = example_stream(dataset, batch_size, seed, start_step, cache, shuffle_buffer)
 
     def augment(example, i):
@@ -69,11 +74,13 @@ def train_batches(
                 area_range=(0.08, 1.0),
                 use_image_if_no_bounding_boxes=True,
             )
-            image = tf.image.resize(tf.slice(image, begin, size), (crop, crop))
+            augmented = tf.image.resize(tf.slice(image, begin, size), (crop, crop))
         else:
-            image = tf.image.resize(image, (resize, resize))
-            image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=crop_seed)
-        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), _target(label, num_classes)
+            augmented = tf.image.resize(image, (resize, resize))
+            augmented = tf.image.stateless_random_crop(augmented, (crop, crop, 3), seed=crop_seed)
+        augmented = tf.image.stateless_random_flip_left_right(augmented, seed=flip_seed)
+        inputs = (augmented, tf.image.resize(image, (crop, crop))) if plain else augmented
+        return inputs, _target(label, num_classes)
 
     batches = examples.map(augment, num_parallel_calls=AUTOTUNE)
     batches = batches.batch(batch_size, drop_remainder=True)

@@ -1,4 +1,4 @@
-"""The run engine: one training loop for every recipe (fine-tuning, upstream pretraining, next detection).
+"""The run engine: one training loop for every recipe (fine-tuning, upstream pretraining, detection, distillation).
 
 `RunOptions` holds what every run shares: the data source, the strategy, batch and micro-batches, learning
 rate, evaluation interval, resolution, precision, seed, the run folder and verbosity. A `Recipe` supplies what
@@ -200,6 +200,10 @@ class Recipe(abc.ABC):
             return {}
         return dict(zip(("train_split", "test_split"), options.splits()))
 
+    def final_model(self, model: keras.Model) -> keras.Model:
+        """The model the run saves and returns, from the one it trained (distillation: the student)."""
+        return model
+
     def evaluate(self, model: keras.Model, data: sources.Data, plan: Plan) -> dict:
         """Scores of `model` beyond the objective's, at every evaluation: `{"test_NAME": value}` (none by default)."""
         return {}
@@ -211,10 +215,7 @@ class Recipe(abc.ABC):
 def train(recipe: Recipe, options: RunOptions) -> RunResult:
     """Run `recipe` with `options`: the same sequence for every recipe; returns the finished run."""
     with logs.run_logging(options.verbose) as run_log:  # from the start: data loading logs too
-        options.check()
-        options_lib.check_fields(recipe)  # its declared options' numbers
-        recipe.check_source(options)
-        recipe.check(options)
+        check(recipe, options)
         strategy = options.make_strategy()  # first: multi-worker collectives must be set up before any op
         data = recipe.load_data(options)
         for split in ("train", "test"):
@@ -284,11 +285,20 @@ def train(recipe: Recipe, options: RunOptions) -> RunResult:
                 **plan.metrics,
             }
             metrics = json.loads(json.dumps(strict_json(metrics)))  # exactly what metrics.json holds
+            model = recipe.final_model(model)
             if run.chief:
                 recipe.save_artifacts(run, model, data, plan)
                 run.finish(model, metrics)
             log.info(result_line(metrics, run.path))
     return RunResult(model, metrics, run.path)
+
+
+def check(recipe: Recipe, options: RunOptions) -> None:
+    """Every check of `recipe` and `options` that needs no data: one-line errors before any folder or download."""
+    options.check()
+    options_lib.check_fields(recipe)  # its declared options' numbers
+    recipe.check_source(options)
+    recipe.check(options)
 
 
 def resolved_options(options: RunOptions, recipe: Recipe, plan: Plan) -> dict:

@@ -281,8 +281,10 @@ class RunFolder:
 
 
 def _training_variables(trainer):
-    """Every variable a resume needs, in a fixed order: the model's weights, then the optimizer's."""
-    return [*trainer.model.weights, *trainer.optimizer.variables]
+    """Every variable a resume needs, in a fixed order: the model's weights (a model that holds weights it rebuilds
+    from their source, as a distiller's teacher, names the rest as `checkpoint_weights`), then the optimizer's."""
+    model = trainer.model
+    return [*getattr(model, "checkpoint_weights", model.weights), *trainer.optimizer.variables]
 
 
 def strict_json(value):

@@ -148,25 +148,29 @@ class Trainer(keras.Model):
         images, targets = data
         variables = self.trainable_variables
         n = self.batch_split
-        if images.shape[0] is not None and images.shape[0] % n:
-            raise ValueError(f"the per-replica batch {images.shape[0]} is not divisible by batch_split={n}")
+        size = tf.nest.flatten(images)[0].shape[0]  # images: a batch, or a structure of them (a model's inputs)
+        if size is not None and size % n:
+            raise ValueError(f"the per-replica batch {size} is not divisible by batch_split={n}")
         normalizer = self._normalizer(targets, across_replicas=True)  # shared by the micro-batches
         if n == 1:
             loss, gradients, outputs = self._loss_and_gradients(images, targets, variables, normalizer)
         else:
-            batch = tf.shape(images)[0]
+            batch = tf.shape(tf.nest.flatten(images)[0])[0]
             divisible = tf.debugging.assert_equal(
                 batch % n, 0, message=f"the per-replica batch must be divisible by batch_split={n}"
             )
             with tf.control_dependencies([divisible]):
                 batch = tf.identity(batch)
             split = lambda x: tf.reshape(x, tf.concat([[n, batch // n], tf.shape(x)[1:]], 0))
-            micro_images, micro_targets = split(images), tf.nest.map_structure(split, targets)
+            micro_images, micro_targets = tf.nest.map_structure(split, images), tf.nest.map_structure(split, targets)
             output_spec = tf.nest.map_structure(lambda x: tf.TensorArray(tf.float32, size=n), self.model.output)
 
             def step(i, loss, gradients, outputs):
                 micro_loss, micro_gradients, micro_outputs = self._loss_and_gradients(
-                    micro_images[i], tf.nest.map_structure(lambda x: x[i], micro_targets), variables, normalizer
+                    tf.nest.map_structure(lambda x: x[i], micro_images),
+                    tf.nest.map_structure(lambda x: x[i], micro_targets),
+                    variables,
+                    normalizer,
                 )
                 gradients = [a + g for a, g in zip(gradients, micro_gradients)]
                 outputs = tf.nest.map_structure(lambda array, x: array.write(i, x), outputs, micro_outputs)
