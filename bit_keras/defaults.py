@@ -48,10 +48,11 @@ DETECTION_EMBEDDED |= {"fpn_channels": 64, "head_channels": 64, "head_depth": 2,
 # ("the recommended settings from Fig3/Tab4 of the paper"), `mixup = dict(p=1.0, n=2)`; KL at temperature 1 as its
 # ImageNet config (bit_i1k.py). With no data given: the README's main job (the fine-tuned shipped model, fine-tuned
 # first when missing) teaches an R14x0.5 from random initialization on the digits, with fine-tuning's embedded
-# batch, lr and steps so that the labels-only run of the same student is the same budget.
+# batch and steps, so that the labels-only run of the same student is the same budget. The base lr (at batch 512)
+# was tuned there (500 steps, seed 0: 0.1 -> 89.3%, 0.3 -> 93.3%, 1.0 -> 53.8%).
 DISTILL_TEACHER_RUN = "digits-BiT-R14x0.5-mnist5k"  # the main job's run folder, in --logdir
-DISTILL_EMBEDDED = {"student": "R14x0.5", "batch": 64, "base_lr": 0.03, "resolution": 32, "steps": 500}
-DISTILL_DEFAULTS = {"student": "R50x1", "batch": 512, "base_lr": 0.03, "steps": 10_000}  # on the user's data
+DISTILL_EMBEDDED = {"student": "R14x0.5", "batch": 64, "base_lr": 0.3, "resolution": 32, "steps": 500}
+DISTILL_DEFAULTS = {"student": "R50x1", "batch": 512, "base_lr": 0.3, "steps": 10_000}  # on the user's data
 DISTILL_MIXUP_ALPHA = 1.0
 TEACHER_INPUTS = ("same", "fixed")  # the student's augmented batch (function matching), or the plain images
 

@@ -162,7 +162,11 @@ def test_bad_input_is_one_line_before_any_folder(tmp_path):
         assert result.returncode != 0, args
         lines = message_lines(result.stderr)
         assert len(lines) == 1 and message in lines[0], (args, lines)
-    assert sorted(os.listdir(tmp_path)) == sorted(["teacher3.keras"])
+    # Without --teacher the default teacher, missing here, would be fine-tuned first: bad input stops before that.
+    result = run_in_process(["distill", "--warmup_steps", "500", "--logdir", tmp_path / "runs"])
+    (line,) = message_lines(result.stderr)
+    assert result.returncode != 0 and "--warmup_steps (500) must be below the 500 steps" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["teacher3.keras"]
 
 
 def test_fixed_teacher_runs_without_mixup(tmp_path):
