@@ -219,8 +219,8 @@ def layer_classes():
 
 
 def rebuild(model, options):
-    """`model` (a bit_keras `BiTImageClassifier`) as a functional model whose units and group norms are the variant's, holding
-    the same weights; `model` itself when the variant changes no layer."""
+    """`model` (a bit_keras `BiTImageClassifier`) as a functional model whose units and group norms are the
+    variant's, holding the same weights; `model` itself when the variant changes no layer."""
     import keras
 
     from bit_keras.models.layers import GroupNorm, PreActBottleneck
