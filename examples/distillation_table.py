@@ -22,6 +22,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="every run's steps (default: the embedded 500)")
+    parser.add_argument("--teacher", default=None, help="default: the main job's run in --logdir")
     parser.add_argument("--logdir", default="runs/distillation")
     parser.add_argument("--out", default="distillation.md")
     args = parser.parse_args()
@@ -41,13 +42,13 @@ def main():
             bit_keras.finetune,
             {"model": student, "base_lr": distill_lr},
         ),
-        ("matching", "function matching", "bit-keras distill", bit_keras.distill, {}),
+        ("matching", "function matching", "bit-keras distill", bit_keras.distill, {"teacher": args.teacher}),
         (
             "fixed",
             "fixed teacher",
             "bit-keras distill --teacher_input fixed",
             bit_keras.distill,
-            {"teacher_input": "fixed"},
+            {"teacher_input": "fixed", "teacher": args.teacher},
         ),
     ]
     rows, teacher = [], None

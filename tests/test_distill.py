@@ -205,3 +205,35 @@ def test_default_run_fine_tunes_its_teacher_first_offline(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_teacher_accuracy"] == pytest.approx(teacher["test_accuracy"])
     assert metrics["steps"] == 500 and metrics["test_accuracy"] > 0.5 and metrics["test_agreement"] > 0.5
+
+
+@pytest.mark.slow
+def test_distillation_table_example(tmp_path):
+    """examples/distillation_table.py on one seed and a few steps: its four students, as a Markdown table."""
+    import subprocess
+    import sys
+
+    from tests.finetune_helpers import ROOT
+
+    script = os.path.join(ROOT, "examples", "distillation_table.py")
+    args = [
+        "--seeds",
+        "0",
+        "--steps",
+        "5",
+        "--teacher",
+        SHIPPED,
+        "--logdir",
+        tmp_path / "runs",
+        "--out",
+        tmp_path / "t.md",
+    ]
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert table[0] == "| student | command | seed 0 | mean ± std |"
+    students = [row.split("|")[1].strip() for row in table[2:6]]
+    assert students == ["labels only", "labels only, base lr 0.3", "function matching", "fixed teacher"]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["fixed-seed0", "labels-lr-seed0", "labels-seed0", "matching-seed0"]
