@@ -125,9 +125,6 @@ class FunctionMatching(Objective):
         log_student = tf.nn.log_softmax(outputs["student"] / t)
         return t**2 * tf.reduce_sum(tf.exp(log_teacher) * (log_teacher - log_student))
 
-    def count(self, targets):
-        return tf.cast(tf.shape(targets)[0], tf.float32)
-
     def update_metrics(self, targets, outputs):
         self.student_accuracy.update_state(targets, outputs["student"])
         self.teacher_accuracy.update_state(targets, outputs["teacher"])

@@ -61,7 +61,9 @@ class Objective:
         raise NotImplementedError
 
     def count(self, targets):
-        raise NotImplementedError
+        """What the loss sum of `targets` counts (summed over replicas): by default its examples (detection: its
+        positive anchors)."""
+        return tf.cast(tf.shape(targets)[0], tf.float32)
 
     def update_metrics(self, targets, outputs):
         raise NotImplementedError
@@ -95,9 +97,6 @@ class Classification(Objective):
         else:
             per_example = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits), axis=-1)
         return tf.reduce_sum(per_example)
-
-    def count(self, targets):
-        return tf.cast(tf.shape(targets)[0], tf.float32)
 
     def update_metrics(self, targets, logits):
         if self.loss == "softmax":
